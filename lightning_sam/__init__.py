@@ -1,0 +1,6 @@
+"""Sharpness-Aware Minimization for PyTorch and PyTorch Lightning."""
+
+from lightning_sam.optimizer import SAM
+
+__all__ = ["SAM"]
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""The SAM update as pure functions over lists of tensors.
+
+This module is the one copy of the SAM math. It imports nothing from Lightning, so
+it serves any training loop. Every function has two paths that give the same result:
+a ``torch._foreach_*`` path that batches the tensors of each (device, dtype) bucket
+into few kernel launches, and a plain per-tensor path (the ``torch/optim/sgd.py``
+and ``torch/nn/utils/clip_grad.py`` pattern). Neither path ever synchronizes the host
+with the device: norms and scales stay tensors.
+
+With ``T = I`` (SAM, Foret et al. 2021) or ``T = diag(|w| + eta)`` (ASAM, Kwon et al.
+2021) the perturbation is ``e = rho * T² g / (‖T g‖ + eps)``.
+
+Example:
+    >>> import torch
+    >>> w = [torch.tensor([3.0, 4.0])]
+    >>> g = [torch.tensor([3.0, 4.0])]
+    >>> norm = grad_norm_squared(w, g).sqrt()
+    >>> norm
+    tensor(5.)
+    >>> backup = perturb_(w, g, 0.5 / norm)
+    >>> w[0]
+    tensor([3.3000, 4.4000])
+    >>> restore_(w, backup)
+    >>> w[0]
+    tensor([3., 4.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import reduce
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _default_to_fused_or_foreach
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+__all__ = ["grad_norm_squared", "perturb_", "restore_"]
+
+
+def _resolve_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
+    """Torch's own default: foreach on devices with fused foreach kernels (CUDA...).
+
+    On the CPU the per-tensor path is as fast or faster for large tensors, since
+    torch's per-tensor kernels use every core (``benchmarks/bench_optimizer.py``).
+    """
+    if foreach is not None:
+        return foreach
+    return _default_to_fused_or_foreach(list(tensors), differentiable=False, use_fused=False)[1]
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate norms in at least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _buckets(
+    tensorlists: Sequence[Sequence[Tensor]],
+) -> list[tuple[list[list[Tensor]], list[int]]]:
+    """Group aligned tensor lists by the (device, dtype) of the first list."""
+    grouped = _group_tensors_by_device_and_dtype([list(ts) for ts in tensorlists], with_indices=True)
+    return [(lists, indices) for lists, indices in grouped.values()]  # type: ignore[misc]
+
+
+def grad_norm_squared(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Return ``‖T g‖²`` summed over the tensors, as a 0-dim tensor.
+
+    ``T = I`` when ``adaptive`` is False, else ``T = diag(|w| + eta)``. The sum is taken
+    in at least float32 on the device of the first gradient (the dtype of every norm is
+    promoted to a common one), so the squared norms of several parameter groups can be
+    added before the square root. Nothing waits for the device.
+
+    Args:
+        params: The weights ``w``, aligned with ``grads``.
+        grads: Their gradients ``g``.
+        adaptive: Use ASAM's ``T = diag(|w| + eta)``.
+        eta: ASAM's offset; ``eta=0`` is the rule of davda54/sam and pytorch_optimizer.
+        foreach: Force (True) or forbid (False) the ``torch._foreach_*`` path; None picks
+            torch's default for the device (foreach on CUDA, per-tensor on the CPU).
+
+    Returns:
+        The squared norm; ``tensor(0.)`` when ``grads`` is empty.
+
+    Example:
+        >>> import torch
+        >>> grad_norm_squared([torch.ones(2)], [torch.tensor([1.0, 2.0])], adaptive=True, eta=1.0)
+        tensor(20.)
+    """
+    if len(params) != len(grads):
+        raise ValueError(f"params and grads must be aligned, got {len(params)} params and {len(grads)} grads.")
+    if not grads:
+        return torch.zeros(())
+    norms: list[Tensor] = []
+    if _resolve_foreach(grads, foreach):
+        for (bucket_params, bucket_grads), _ in _buckets([params, grads]):
+            dtype = _norm_dtype(bucket_grads[0].dtype)
+            if adaptive:
+                scaled = torch._foreach_abs(bucket_params)
+                torch._foreach_add_(scaled, eta)
+                torch._foreach_mul_(scaled, bucket_grads)
+                norms.extend(torch._foreach_norm(scaled, 2, dtype=dtype))
+            else:
+                norms.extend(torch._foreach_norm(bucket_grads, 2, dtype=dtype))
+    else:
+        for p, g in zip(params, grads, strict=True):
+            tg = p.abs().add_(eta).mul_(g) if adaptive else g
+            norms.append(torch.linalg.vector_norm(tg, 2, dtype=_norm_dtype(g.dtype)))
+    device = grads[0].device
+    dtype = reduce(torch.promote_types, (n.dtype for n in norms))
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).square().sum()
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    scale: Tensor | float,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    foreach: bool | None = None,
+) -> list[Tensor]:
+    """Save an exact copy of ``params``, then move them in place by ``e = scale * T² g``.
+
+    For SAM's ascent step pass ``scale = rho / (‖T g‖ + eps)`` with the global norm of
+    [`grad_norm_squared`][lightning_sam.functional.grad_norm_squared].
+
+    Args:
+        params: The weights, changed in place.
+        grads: Their gradients, aligned with ``params``.
+        scale: A Python number or a 0-dim tensor (on any device: it is moved, never read
+            on the host).
+        adaptive: Use ASAM's ``T = diag(|w| + eta)``.
+        eta: ASAM's offset.
+        foreach: As in [`grad_norm_squared`][lightning_sam.functional.grad_norm_squared].
+
+    Returns:
+        The saved weights, aligned with ``params``: hand them to
+        [`restore_`][lightning_sam.functional.restore_]. They are the only extra
+        parameter-sized memory that outlives the call.
+    """
+    if len(params) != len(grads):
+        raise ValueError(f"params and grads must be aligned, got {len(params)} params and {len(grads)} grads.")
+    backup: list[Tensor] = [torch.empty(0)] * len(params)
+    if _resolve_foreach(params, foreach):
+        for (bucket_params, bucket_grads), indices in _buckets([params, grads]):
+            saved = [torch.empty_like(p) for p in bucket_params]
+            torch._foreach_copy_(saved, bucket_params)
+            for i, copy in zip(indices, saved, strict=True):
+                backup[i] = copy
+            bucket_scale = scale.to(bucket_params[0].device) if isinstance(scale, Tensor) else scale
+            if adaptive:
+                e = torch._foreach_abs(bucket_params)
+                torch._foreach_add_(e, eta)
+                torch._foreach_mul_(e, e)
+                torch._foreach_mul_(e, bucket_grads)
+                torch._foreach_mul_(e, bucket_scale)
+            else:
+                e = torch._foreach_mul(bucket_grads, bucket_scale)
+            torch._foreach_add_(bucket_params, e)
+    else:
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            backup[i] = p.clone()
+            p_scale = scale.to(p.device) if isinstance(scale, Tensor) else scale
+            p.add_(p.abs().add_(eta).square_().mul_(g).mul_(p_scale) if adaptive else g.mul(p_scale))
+    return backup
+
+
+def restore_(params: Sequence[Tensor], backup: Sequence[Tensor], *, foreach: bool | None = None) -> None:
+    """Copy the saved weights back into ``params``, bitwise (never ``w -= e``).
+
+    Args:
+        params: The weights to restore in place.
+        backup: The copies returned by [`perturb_`][lightning_sam.functional.perturb_].
+        foreach: As in [`grad_norm_squared`][lightning_sam.functional.grad_norm_squared].
+    """
+    if len(params) != len(backup):
+        raise ValueError(f"params and backup must be aligned, got {len(params)} params and {len(backup)} copies.")
+    if not params:
+        return
+    if _resolve_foreach(params, foreach):
+        for (bucket_params, bucket_backup), _ in _buckets([params, backup]):
+            torch._foreach_copy_(bucket_params, bucket_backup)
+    else:
+        for p, saved in zip(params, backup, strict=True):
+            p.copy_(saved)
