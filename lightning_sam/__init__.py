@@ -1,6 +1,7 @@
 """Sharpness-Aware Minimization for PyTorch and PyTorch Lightning."""
 
+from lightning_sam.mixin import SAMMixin
 from lightning_sam.optimizer import SAM
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "SAMMixin"]
 __version__ = "0.1.0"

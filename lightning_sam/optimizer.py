@@ -139,13 +139,17 @@ class SAM(Optimizer):
         return torch.stack([s.to(device) for s in squares]).sum().sqrt()
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False) -> Tensor:
         """Save the weights and move them to ``w + e`` along the current gradients.
 
         Parameters without a gradient are left where they are.
 
         Args:
             zero_grad: Clear the gradients afterwards, ready for the second backward.
+
+        Returns:
+            The global norm ``‖T g‖`` that scaled the perturbation (a 0-dim tensor; not
+            read on the host).
 
         Raises:
             RuntimeError: The weights are already perturbed (``second_step`` was not called).
@@ -168,6 +172,7 @@ class SAM(Optimizer):
         self._perturbed = perturbed
         if zero_grad:
             self.zero_grad()
+        return norm
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -203,24 +208,36 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Do the whole SAM step; the gradients at ``w`` must already be computed.
+        """Do the rest of a SAM step.
+
+        With a closure (the davda54/sam API), the gradients at ``w`` must already be
+        computed: ``first_step(zero_grad=True)`` unless the weights are already perturbed,
+        then the closure (the gradient at ``w + e``), then ``second_step``. Without one,
+        it finishes a step begun with ``first_step``: this is what
+        ``torch.amp.GradScaler.step(opt)`` and Lightning's precision plugins call, so SAM
+        works with them unchanged (the scaler skips the call on inf/nan gradients; then
+        call [`restore`][lightning_sam.SAM.restore]).
 
         Args:
             closure: Clears the gradients, computes the loss at the (perturbed) weights,
                 calls ``backward`` and returns the loss.
 
         Returns:
-            What the closure returned: the loss at ``w + e``.
+            What the closure returned (the loss at ``w + e``), or None without one.
 
         Raises:
-            ValueError: No closure was given.
+            ValueError: No closure, and ``first_step`` was not called.
         """
         if closure is None:
-            raise ValueError(
-                "SAM.step() needs a closure that computes the loss and calls backward() at the perturbed weights, "
-                "e.g. opt.step(closure). Or call opt.first_step() and opt.second_step() around your own backward."
-            )
-        self.first_step(zero_grad=True)
+            if self._perturbed is None:
+                raise ValueError(
+                    "SAM.step() needs a closure that computes the loss and calls backward() at the perturbed "
+                    "weights, e.g. opt.step(closure); or call opt.first_step() and the backward pass first."
+                )
+            self.second_step()
+            return None
+        if self._perturbed is None:
+            self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
                 loss = closure()
