@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import (
+    LightningOptimizer,
+    _configure_optimizers,
+    _configure_schedulers_automatic_opt,
+)
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import Metric
+from typing_extensions import override
 
 from lightning_sam.optimizer import SAM
 
@@ -105,15 +112,16 @@ class SAMMixin:
     sam_same_randomness: bool = True
     sam_nonfinite: Literal["skip", "raise"] = "skip"
     sam_stats: dict[str, Tensor]
-    _sam_running: bool = False
+    _sam_scheduler_configs: list[LRSchedulerConfig]
     _sam_in_second_pass: bool = False
     _sam_finite: Tensor
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
-        if step is not None and not getattr(step, "_sam_wrapped", False):
-            cls.training_step = _sam_training_step(step)  # type: ignore[attr-defined]
+        for name, wrap in _WRAPPERS.items():
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_sam_wrapped", False):
+                setattr(cls, name, wrap(method))
 
     @property
     def automatic_optimization(self) -> bool:
@@ -159,6 +167,22 @@ class SAMMixin:
             )
         return optimizers, optimizers.optimizer
 
+    def _sam_configure_optimizers(self, configure: Callable[[], Any]) -> Any:
+        """Keep the scheduler settings that Lightning drops under manual optimization.
+
+        Lightning reads ``monitor``/``strict`` and detects ``ReduceLROnPlateau`` only under
+        automatic optimization (and warns that they are ignored otherwise). The mixin steps
+        the schedulers itself, so it parses the output the automatic way and hands
+        Lightning the output without those keys.
+        """
+        output = configure()
+        _, schedulers, monitor = _configure_optimizers(output)
+        self._sam_scheduler_configs = _configure_schedulers_automatic_opt(schedulers, monitor)
+        callbacks: list[Callback] = self._sam_module.trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(c, _PendingPlateauSchedulers) for c in callbacks):
+            callbacks.insert(0, _PendingPlateauSchedulers())  # first, so LearningRateMonitor sees the new lr
+        return _without_plateau_keys(output)
+
     def _sam_step(self, run_step: Callable[[], Any]) -> Any:
         """One batch of SAM: both passes, then (every ``sam_accumulate_grad_batches``) the step."""
         module = self._sam_module
@@ -170,7 +194,6 @@ class SAMMixin:
         batch_idx = loop.batch_idx
         first_micro_batch = batch_idx % k == 0
         last_micro_batch = (batch_idx + 1) % k == 0 or loop._num_ready_batches_reached()
-        self._sam_step_pending_plateau_schedulers(batch_idx)
 
         if first_micro_batch:
             sam.zero_grad()
@@ -280,9 +303,11 @@ class SAMMixin:
         """ReduceLROnPlateau waits for metrics logged after the batch (validation): step it at the next batch.
 
         Lightning steps 'step' plateau schedulers after each batch's validation and 'epoch'
-        ones after the epoch; both only matter from the next optimizer step on, so they are
-        stepped here, at the start of the next batch, with the metrics of that moment. This
-        also holds across a resume, since checkpoints are saved before those updates.
+        ones after the epoch, from loop code that manual optimization skips. Both only
+        matter from the next optimizer step on, so they are stepped at the start of the
+        next batch (before other callbacks' ``on_train_batch_start``), with the metrics of
+        that moment. This also holds across a resume: checkpoints are saved before those
+        updates, in Lightning too.
         """
         trainer = self._sam_module.trainer
         if batch_idx > 0:
@@ -297,7 +322,7 @@ class SAMMixin:
         module = self._sam_module
         trainer = module.trainer
         progress = trainer.fit_loop.epoch_loop.scheduler_progress
-        for config in trainer.lr_scheduler_configs:
+        for config in getattr(self, "_sam_scheduler_configs", trainer.lr_scheduler_configs):
             if config.interval != interval or config.reduce_on_plateau != plateau or index % config.frequency:
                 continue
             monitor_val = None
@@ -317,29 +342,70 @@ class SAMMixin:
             progress.increment_completed()
 
 
-def _sam_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a ``training_step`` so that Lightning's call runs the whole SAM step."""
+class _PendingPlateauSchedulers(Callback):
+    """Put first among the Trainer's callbacks by the mixin: the plateau schedulers' late step."""
 
-    @functools.wraps(step)
-    def training_step(self: SAMMixin, *args: Any, **kwargs: Any) -> Any:
-        if self._sam_running:  # a subclass's training_step calling super().training_step
-            return step(self, *args, **kwargs)
-        self._sam_running = True
-        try:
-            return self._sam_step(functools.partial(step, self, *args, **kwargs))
-        finally:
-            self._sam_running = False
-
-    training_step._sam_wrapped = True  # type: ignore[attr-defined]
-    return training_step
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if isinstance(pl_module, SAMMixin):
+            pl_module._sam_step_pending_plateau_schedulers(batch_idx)
 
 
-def _inherited_training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """``class SAMNet(SAMMixin, Net)``: run ``Net.training_step``."""
-    return super(SAMMixin, self).training_step(*args, **kwargs)
+def _outermost(around: Callable[[Any, Callable[[], Any]], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a hook so that ``around(self, call)`` runs once, however deep ``super()`` calls nest."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        flag = f"_sam_inside_{method.__name__}"
+
+        @functools.wraps(method)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            call = functools.partial(method, self, *args, **kwargs)
+            if self.__dict__.get(flag):  # a subclass's hook calling super()
+                return call()
+            self.__dict__[flag] = True
+            try:
+                return around(self, call)
+            finally:
+                self.__dict__[flag] = False
+
+        wrapper._sam_wrapped = True  # type: ignore[attr-defined]
+        return wrapper
+
+    return wrap
 
 
-SAMMixin.training_step = _sam_training_step(_inherited_training_step)  # type: ignore[attr-defined]
+_WRAPPERS = {
+    "training_step": _outermost(lambda self, call: self._sam_step(call)),
+    "configure_optimizers": _outermost(lambda self, call: self._sam_configure_optimizers(call)),
+}
+
+
+def _inherited(name: str) -> Callable[..., Any]:
+    """``class SAMNet(SAMMixin, Net)``: the hook of the class after the mixin (``Net``)."""
+
+    def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(super(SAMMixin, self), name)(*args, **kwargs)
+
+    hook.__name__ = hook.__qualname__ = name
+    return hook
+
+
+for _name, _wrap in _WRAPPERS.items():
+    setattr(SAMMixin, _name, _wrap(_inherited(_name)))
+
+
+def _without_plateau_keys(conf: Any) -> Any:
+    """``configure_optimizers`` output without the keys Lightning ignores (and warns about) when manual."""
+    if isinstance(conf, list | tuple):
+        return type(conf)(_without_plateau_keys(c) for c in conf)
+    if isinstance(conf, dict):
+        conf = {k: v for k, v in conf.items() if k not in _PLATEAU_KEYS}
+        if isinstance(conf.get("lr_scheduler"), dict):
+            conf["lr_scheduler"] = _without_plateau_keys(conf["lr_scheduler"])
+    return conf
+
+
+_PLATEAU_KEYS = ("monitor", "strict", "reduce_on_plateau")
 
 
 def _check_settings(module: SAMMixin, trainer: pl.Trainer) -> None:

@@ -1,0 +1,52 @@
+"""Run by tests/test_ddp.py as `python tests/ddp_worker.py MODE OUT_DIR`: a 2-process CPU DDP fit of SAMNet.
+
+Each rank saves its parameters after every batch to OUT_DIR/rank{R}.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from helpers import SAMNet, dataset, flat_params, trainer
+from lightning.pytorch.callbacks import Callback
+
+MODES: dict[str, dict[str, Any]] = {
+    "per_device": {"sam_sync_ascent": False, "sam_accumulate_grad_batches": 1},
+    "synced": {"sam_sync_ascent": True, "sam_accumulate_grad_batches": 1},
+    "per_device_accumulate_2": {"sam_sync_ascent": False, "sam_accumulate_grad_batches": 2},
+}
+
+
+class SaveParams(Callback):
+    def __init__(self) -> None:
+        self.trajectory: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.trajectory.append(flat_params(pl_module).clone())
+
+
+class RankData(pl.LightningDataModule):
+    """Every WORLD-th sample for each rank, in order (explicit, instead of the sampler Lightning injects)."""
+
+    def train_dataloader(self) -> Any:
+        subset = torch.utils.data.Subset(dataset(), range(self.trainer.global_rank, 64, self.trainer.world_size))
+        return torch.utils.data.DataLoader(subset, batch_size=8, shuffle=False)
+
+
+def main(mode: str, out_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = SAMNet()
+    for name, value in MODES[mode].items():
+        setattr(model, name, value)
+    saver = SaveParams()
+    fit = trainer(strategy="ddp", devices=2, callbacks=[saver], use_distributed_sampler=False)
+    fit.fit(model, datamodule=RankData())
+    torch.save({"trajectory": saver.trajectory, "global_step": fit.global_step}, out_dir / f"rank{fit.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,99 @@
+"""Small Lightning modules and data shared by the tests and the DDP worker script."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sam import SAM, SAMMixin
+
+N_FEATURES, N_CLASSES = 6, 3
+
+
+def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, N_FEATURES, generator=gen)
+    y = torch.randint(0, N_CLASSES, (n,), generator=gen)
+    return TensorDataset(x, y)
+
+
+def loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader[Any]:
+    return DataLoader(dataset(n, seed), batch_size=batch_size, shuffle=False)
+
+
+def batches(n: int = 64, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(loader(n, batch_size))
+
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class Net(pl.LightningModule):
+    """A plain LightningModule under automatic optimization."""
+
+    def __init__(
+        self,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        rho: float = 0.05,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.lr, self.momentum, self.rho, self.scheduler = lr, momentum, rho, scheduler
+        layers: list[nn.Module] = [nn.Linear(N_FEATURES, 16)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(16))
+        layers.append(nn.Tanh())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(16, N_CLASSES))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_optimizer()
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+
+
+class SAMNet(SAMMixin, Net):
+    """The SAM variant of `Net`: its training_step is inherited, only the optimizer changes."""
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return SAM(self.parameters(), torch.optim.SGD, rho=self.rho, lr=self.lr, momentum=self.momentum)
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
