@@ -167,8 +167,8 @@ def perturb_(
     else:
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             backup[i] = p.clone()
-            p_scale = scale.to(p.device) if isinstance(scale, Tensor) else scale
-            p.add_(p.abs().add_(eta).square_().mul_(g).mul_(p_scale) if adaptive else g.mul(p_scale))
+            p_scale = scale.to(p.device) if isinstance(scale, Tensor) else torch.tensor(scale, device=p.device)
+            p.addcmul_(p.abs().add_(eta).square_().mul_(g) if adaptive else g, p_scale)  # no temporary for SAM
     return backup
 
 
