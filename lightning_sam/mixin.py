@@ -213,12 +213,10 @@ class SAMMixin:
         for p, g in zip(params, accumulated, strict=True):
             p.grad = g
 
-        bn_buffers = _batchnorm_buffers(module)
-        saved_bn = [b.clone() for b in bn_buffers]
         rng_after = _collect_rng_states() if rng_before is not None else None
         if rng_before is not None:
             _set_rng_states(rng_before)
-        with self._sam_quiet_second_pass(), _unless(last_micro_batch, _no_backward_sync(trainer)):
+        with self._sam_second_pass_flag(), observing(module), _unless(last_micro_batch, _no_backward_sync(trainer)):
             perturbed_loss = _loss_of(run_step())
             backward_loss = perturbed_loss / k
             if scaler is not None:  # a non-finite first pass makes the scaler skip this step too
@@ -226,8 +224,6 @@ class SAMMixin:
             module.manual_backward(backward_loss)
         if rng_after is not None:
             _set_rng_states(rng_after)
-        for buffer, saved in zip(bn_buffers, saved_bn, strict=True):
-            buffer.copy_(saved)
 
         finite &= torch.isfinite(perturbed_loss.detach())
         self._sam_finite &= finite
@@ -261,19 +257,12 @@ class SAMMixin:
         return output
 
     @contextmanager
-    def _sam_quiet_second_pass(self) -> Iterator[None]:
-        """Discard ``self.log``/``log_dict`` calls and torchmetrics updates of the second pass."""
-        module = self._sam_module
-        metrics = [(m, _metric_snapshot(m)) for m in module.modules() if isinstance(m, Metric)]
-        module.__dict__["log"] = module.__dict__["log_dict"] = _ignore
+    def _sam_second_pass_flag(self) -> Iterator[None]:
         self._sam_in_second_pass = True
         try:
             yield
         finally:
             self._sam_in_second_pass = False
-            del module.__dict__["log"], module.__dict__["log_dict"]
-            for metric, snapshot in metrics:
-                metric.__dict__.update(snapshot)
 
     @contextmanager
     def _sam_clipping(self, sam: SAM) -> Iterator[None]:
@@ -452,6 +441,34 @@ def _no_backward_sync(trainer: pl.Trainer) -> AbstractContextManager[Any]:
 
 def _unless(condition: bool, context: AbstractContextManager[Any]) -> AbstractContextManager[Any]:
     return nullcontext() if condition else context
+
+
+@contextmanager
+def observing(module: pl.LightningModule) -> Iterator[None]:
+    """Run ``training_step`` for its loss alone: no side effect survives the block.
+
+    ``self.log``/``self.log_dict`` do nothing, every torchmetrics ``Metric`` and every
+    BatchNorm's running statistics are put back as they were, and a SAMMixin module's
+    ``training_step`` runs as written (not as a whole SAM step). The random state is the
+    caller's business.
+    """
+    metrics = [(m, _metric_snapshot(m)) for m in module.modules() if isinstance(m, Metric)]
+    buffers = _batchnorm_buffers(module)
+    saved_buffers = [b.clone() for b in buffers]
+    patched = {"log": _ignore, "log_dict": _ignore, "_sam_inside_training_step": True}
+    previous = {name: module.__dict__[name] for name in patched if name in module.__dict__}
+    module.__dict__.update(patched)
+    try:
+        yield
+    finally:
+        for name in patched:
+            del module.__dict__[name]
+        module.__dict__.update(previous)
+        for metric, snapshot in metrics:
+            metric.__dict__.update(snapshot)
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, saved_buffers, strict=True):
+                buffer.copy_(saved)
 
 
 def _batchnorm_buffers(module: torch.nn.Module) -> list[Tensor]:
