@@ -119,8 +119,9 @@ class SAMMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name, wrap in _WRAPPERS.items():
-            method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "_sam_wrapped", False):
+            # The class's own hook, or one that a base listed before the mixin provides.
+            method = getattr(cls, name)
+            if not getattr(method, "_sam_wrapped", False):
                 setattr(cls, name, wrap(method))
 
     @property

@@ -1,0 +1,380 @@
+"""`SharpnessMonitor` in real fits: accuracy, observing only, loggers (W&B offline), AMP, checkpoints, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchmetrics
+from helpers import Net, SAMNet, flat_params, loader, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_sam import SharpnessMonitor
+from lightning_sam.callbacks import MEASURES
+
+ALL = list(MEASURES)
+
+
+class Recording(SharpnessMonitor):
+    """Keeps every logged row, and what went into the cross-rank reduction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.reduced_inputs: list[torch.Tensor] = []
+
+    def _reduce(self, trainer: pl.Trainer, values: torch.Tensor) -> torch.Tensor:
+        self.reduced_inputs.append(values.clone())
+        return super()._reduce(trainer, values)
+
+    def _log(self, trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
+        super()._log(trainer, values)
+        if values:
+            self.rows.append((trainer.global_step, {k: self.last_values[f"sharpness/{k}"] for k in values}))
+
+
+def csv_logger(tmp_path: Path) -> CSVLogger:
+    return CSVLogger(tmp_path, name="csv")
+
+
+# 1. Accuracy -------------------------------------------------------------------------------------------------------
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def exact_hessian(module: Tiny, batch: Any) -> torch.Tensor:
+    x, y = batch
+    params = dict(module.named_parameters())
+    names, shapes = list(params), [p.shape for p in params.values()]
+    sizes = [p.numel() for p in params.values()]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        tensors = [t.view(s) for t, s in zip(torch.split(flat, sizes), shapes, strict=True)]
+        out = torch.func.functional_call(module, dict(zip(names, tensors, strict=True)), (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    flat = torch.cat([p.detach().flatten() for p in params.values()])
+    return torch.autograd.functional.hessian(loss_of, flat)
+
+
+def test_logged_hessian_measures_match_the_exact_hessian(tmp_path: Path) -> None:
+    module = Tiny().double()
+    monitor = SharpnessMonitor(measures=["hessian_max_eig", "hessian_trace", "eos_ratio"], every_n_steps=3)
+    fit = trainer(max_epochs=2, precision="64-true", logger=csv_logger(tmp_path), callbacks=[monitor])
+    fit.fit(module, loader())
+    hessian = exact_hessian(module, monitor.fixed_batch)  # the monitor's last point is at the final weights
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    top = eigenvalues[eigenvalues.abs().argmax()].item()
+    assert monitor.last_values["sharpness/hessian_max_eig"] == pytest.approx(top, rel=0.01)
+    assert monitor.last_values["sharpness/hessian_trace"] == pytest.approx(torch.trace(hessian).item(), rel=0.1)
+    assert monitor.last_values["sharpness/eos_ratio"] == pytest.approx(top * 0.1 / 2, rel=0.01)
+
+
+# 2. It only observes ------------------------------------------------------------------------------------------------
+
+
+class Busy(Net):
+    """Dropout, BatchNorm and a torchmetric: everything the monitor must leave as it found it."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.3, batchnorm=True)
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.accuracy.update(logits, y)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log("train_loss", loss)
+        return loss
+
+
+class BusySAM(Busy, SAMNet):
+    """The mixin is not first here: its training_step wrapper must still take Busy's step."""
+
+
+@pytest.mark.parametrize("module_cls", [Busy, BusySAM])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_monitor_only_observes(module_cls: type[Busy], precision: str, tmp_path: Path) -> None:
+    results = []
+    for with_monitor in (False, True):
+        torch.manual_seed(0)
+        module = module_cls()
+        callbacks = [SharpnessMonitor(measures=ALL, every_n_steps=2)] if with_monitor else []
+        fit = trainer(
+            max_epochs=2, precision=precision, logger=csv_logger(tmp_path), log_every_n_steps=1, callbacks=callbacks
+        )
+        fit.fit(module, loader())
+        bn = module.net[1]
+        results.append(
+            (
+                flat_params(module).clone(),
+                torch.cat([p.grad.flatten() for p in module.parameters()]),  # type: ignore[union-attr]
+                [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()],
+                module.accuracy.update_count,
+                torch.get_rng_state(),
+                module.training,
+            )
+        )
+    (p0, g0, bn0, n0, rng0, t0), (p1, g1, bn1, n1, rng1, t1) = results
+    assert torch.equal(p0, p1)
+    assert torch.equal(g0, g1)
+    assert all(torch.equal(a, b) for a, b in zip(bn0, bn1, strict=True))
+    assert n0 == n1 == 16
+    assert torch.equal(rng0, rng1)
+    assert t0 == t1
+
+
+# 4. Loggers: W&B (offline, real), CSV, TensorBoard ------------------------------------------------------------------
+
+
+@pytest.fixture
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "wandb_root"
+    root.mkdir()
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(root))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return root
+
+
+def wandb_records(run_dir: Path) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_wandb_offline_run_logs_the_curves_summaries_and_landscape(wandb_offline: Path) -> None:
+    import wandb
+
+    monitor = SharpnessMonitor(measures=ALL, every_n_steps=4, landscape_epochs=[1], landscape_points=5)
+    logger = WandbLogger(project="lightning-sam-test", save_dir=str(wandb_offline), offline=True)
+    fit = trainer(max_epochs=2, logger=logger, log_every_n_steps=2, callbacks=[monitor])
+    torch.manual_seed(0)
+    fit.fit(SAMNet(), loader())
+    wandb.finish()
+
+    run_dir = next((wandb_offline / "wandb").glob("offline-run-*"))
+    records = wandb_records(run_dir)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    rows = [h for h in history if any(k.startswith("sharpness/") for k in h)]
+    for key in [f"sharpness/{m}" for m in ALL]:
+        points = [(row["trainer/global_step"], row[key]) for row in rows if key in row]
+        assert points, f"{key} was not logged"
+        assert all(math.isfinite(v) for _, v in points)
+    cheap_steps = [row["trainer/global_step"] for row in rows if "sharpness/grad_norm" in row]
+    assert cheap_steps == sorted(cheap_steps)
+    assert len(cheap_steps) == 8, "every logging step (log_every_n_steps=2, 16 batches)"
+    hessian_steps = [row["trainer/global_step"] for row in rows if "sharpness/hessian_max_eig" in row]
+    # every 4 optimizer steps, at Lightning's logging step for that batch (the end of training is step 16, done)
+    assert hessian_steps == [3, 7, 11, 15]
+    landscape = [h for h in history if h.get("sharpness/landscape_table._type") == "table-file"]
+    assert len(landscape) == 1, "one landscape plot, at the end of epoch 1"
+    assert landscape[0]["sharpness/landscape_table.nrows"] == 2 * 5, "two directions, five points each"
+    table = json.loads((run_dir / "files" / landscape[0]["sharpness/landscape_table.path"]).read_text())
+    assert all(math.isfinite(row[2]) for row in table["data"])
+    assert {row[1] for row in table["data"]} == {"gradient direction", "random direction"}
+    metrics = [r["metric"] for r in records if r["type"] == "metric"]
+    sharp = next(m for m in metrics if m.get("glob_name") == "sharpness/*")
+    assert sharp["step_metric"] == "trainer/global_step"
+    assert sharp["summary"] == {"min": True, "max": True, "last": True}
+
+
+def test_csv_and_tensorboard_log_the_same_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor = Recording(measures=ALL, every_n_steps=4)
+    csv_log, tb_log = CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")
+    fit = trainer(max_epochs=1, logger=[csv_log, tb_log], log_every_n_steps=2, callbacks=[monitor])
+    torch.manual_seed(0)
+    fit.fit(Net(), loader())
+
+    with open(Path(csv_log.log_dir) / "metrics.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    events = EventAccumulator(tb_log.log_dir)
+    events.Reload()
+    for m in ALL:
+        key = f"sharpness/{m}"
+        from_csv = [(int(r["step"]), float(r[key])) for r in csv_rows if r.get(key)]
+        from_tb = [(e.step, e.value) for e in events.Scalars(key)]
+        assert from_csv, key
+        assert [s for s, _ in from_csv] == [s for s, _ in from_tb]
+        assert [v for _, v in from_csv] == pytest.approx([v for _, v in from_tb], rel=1e-6)
+
+
+def test_plain_sgd_first_order_is_the_sam_formula_on_the_batch(tmp_path: Path) -> None:
+    """Without SAMMixin the monitor perturbs by itself; with it, it reports the optimizer's own pass."""
+    monitor = Recording(measures=["first_order", "grad_norm"], rho=0.05)
+    fit = trainer(max_steps=1, logger=csv_logger(tmp_path), log_every_n_steps=1, callbacks=[monitor])
+    torch.manual_seed(0)
+    module = Net(momentum=0.0)
+    start = Net(momentum=0.0)
+    start.load_state_dict(module.state_dict())
+    fit.fit(module, loader())
+    x, y = next(iter(loader()))
+    loss = nn.functional.cross_entropy(start(x), y)
+    grads = torch.autograd.grad(loss, list(start.parameters()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(start.parameters(), grads, strict=True):
+            p.add_(0.05 * g / norm)
+        expected = nn.functional.cross_entropy(start(x), y) - loss
+    assert monitor.last_values["sharpness/first_order"] == pytest.approx(expected.item(), rel=1e-4)
+    assert monitor.last_values["sharpness/grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+
+
+# 5. Mixed precision ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [{"precision": "bf16-mixed"}, {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}],
+)
+@pytest.mark.parametrize("module_cls", [Net, SAMNet])
+def test_estimates_under_amp_are_float32_and_finite(
+    precision: dict[str, Any], module_cls: type[Net], tmp_path: Path
+) -> None:
+    monitor = Recording(measures=ALL, every_n_steps=4)
+    fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), log_every_n_steps=2, callbacks=[monitor], **precision)
+    torch.manual_seed(0)
+    fit.fit(module_cls(), loader())
+    assert monitor.reduced_inputs
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in monitor.reduced_inputs)
+    assert set(monitor.last_values) == {f"sharpness/{m}" for m in ALL}
+
+
+# 6. Checkpoints ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+def test_state_survives_resume_and_monitors_coexist(tmp_path: Path) -> None:
+    def monitors() -> list[SharpnessMonitor]:
+        return [
+            SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=3),
+            SharpnessMonitor(measures=["hessian_trace", "grad_norm"], every_n_steps=5, rho=0.1),
+        ]
+
+    first = monitors()
+    assert first[0].state_key != first[1].state_key
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[*first, ckpt], enable_checkpointing=True)
+    torch.manual_seed(0)
+    fit.fit(Net(), loader())
+    assert first[0].last_step == {"hessian_max_eig": 8} and first[1].last_step == {"hessian_trace": 8}
+
+    second = monitors()
+    fit = trainer(max_epochs=2, logger=csv_logger(tmp_path), callbacks=second)
+    torch.manual_seed(0)
+    fit.fit(Net(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    saved = checkpoint["callbacks"]
+    assert saved[first[0].state_key]["eigenvector"] is not None
+    assert saved[first[1].state_key]["eigenvector"] is None
+    x0, x1 = saved[first[0].state_key]["fixed_batch"][0], second[0].fixed_batch[0]
+    assert torch.equal(x0, x1), "the resumed run measures on the same fixed batch"
+    assert second[0].last_step == {"hessian_max_eig": 16}
+    assert second[1].last_step == {"hessian_trace": 16}
+
+
+def test_warm_start_vector_is_restored(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=4)
+    state_before = monitor.state_dict()
+    assert state_before["eigenvector"] is None
+    fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[monitor])
+    torch.manual_seed(0)
+    fit.fit(Net(), loader())
+    restored = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=4)
+    restored.load_state_dict(monitor.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.eigenvector, monitor.eigenvector, strict=True))  # type: ignore[arg-type]
+    assert torch.equal(restored.rng_state, monitor.rng_state)
+
+
+# 7. Bad input ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"measures": ["hessian_max_eig", "sharpest"]}, r"Unknown.*'sharpest'.*Valid measures: \['first_order'"),
+        ({"measures": []}, "Valid measures"),
+        ({"every_n_steps": 0}, "positive integer"),
+        ({"every_n_steps": {"hessian_trace": -5}}, "positive integer"),
+        ({"every_n_steps": {"grad_norm": 5}}, "log_every_n_steps"),
+        ({"rho": 0.0}, "rho must be a number > 0"),
+        ({"landscape_epochs": [-1]}, "landscape_epochs"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        SharpnessMonitor(**kwargs)
+
+
+def test_no_logger_is_refused_before_training() -> None:
+    with pytest.raises(MisconfigurationException, match="no logger"):
+        trainer(logger=False, callbacks=[SharpnessMonitor()]).fit(Net(), loader())
+
+
+class AdamNet(Net):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_eos_ratio_without_sgd_warns_once_and_training_goes_on(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(measures=["eos_ratio"], every_n_steps=2)
+    fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[monitor])
+    with pytest.warns(RuntimeWarning, match="eos_ratio needs an SGD") as record:
+        fit.fit(AdamNet(), loader())
+    assert len([w for w in record if "eos_ratio" in str(w.message)]) == 1
+    assert fit.global_step == 8
+
+
+def test_no_batch_seen_warns_instead_of_crashing(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor()
+    module = Net()
+    fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[monitor], limit_train_batches=0)
+    fit.fit(module, loader())  # Lightning skips training: nothing to measure, nothing logged
+    assert monitor.last_values == {}
+    with pytest.warns(RuntimeWarning, match="no training batch was seen"):
+        monitor.on_train_end(fit, module)
+    assert monitor.last_values == {}
+
+
+def test_landscape_without_wandb_warns(tmp_path: Path) -> None:
+    fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[SharpnessMonitor(landscape_epochs=[0])])
+    with pytest.warns(UserWarning, match="without a WandbLogger"):
+        fit.fit(Net(), loader())
