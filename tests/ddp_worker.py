@@ -13,12 +13,30 @@ import lightning.pytorch as pl
 import torch
 from helpers import SAMNet, dataset, flat_params, trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_sam import SharpnessMonitor
+from lightning_sam.callbacks import MEASURES
 
 MODES: dict[str, dict[str, Any]] = {
     "per_device": {"sam_sync_ascent": False, "sam_accumulate_grad_batches": 1},
     "synced": {"sam_sync_ascent": True, "sam_accumulate_grad_batches": 1},
     "per_device_accumulate_2": {"sam_sync_ascent": False, "sam_accumulate_grad_batches": 2},
 }
+
+
+class RecordingMonitor(SharpnessMonitor):
+    """Keeps what each rank measured and what came out of the cross-rank mean."""
+
+    def __init__(self) -> None:
+        super().__init__(measures=list(MEASURES), every_n_steps=2)
+        self.local: list[torch.Tensor] = []
+        self.reduced: list[torch.Tensor] = []
+
+    def _reduce(self, trainer: pl.Trainer, values: torch.Tensor) -> torch.Tensor:
+        self.local.append(values.clone())
+        self.reduced.append(super()._reduce(trainer, values).clone())
+        return self.reduced[-1]
 
 
 class SaveParams(Callback):
@@ -40,6 +58,20 @@ class RankData(pl.LightningDataModule):
 def main(mode: str, out_dir: Path) -> None:
     torch.manual_seed(0)
     model = SAMNet()
+    if mode == "monitor":
+        monitor = RecordingMonitor()
+        fit = trainer(
+            strategy="ddp",
+            devices=2,
+            callbacks=[monitor],
+            use_distributed_sampler=False,
+            logger=CSVLogger(out_dir, name="csv"),
+            log_every_n_steps=1,
+        )
+        fit.fit(model, datamodule=RankData())
+        result = {"local": monitor.local, "reduced": monitor.reduced, "last_values": monitor.last_values}
+        torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
+        return
     for name, value in MODES[mode].items():
         setattr(model, name, value)
     saver = SaveParams()

@@ -103,3 +103,21 @@ def test_per_device_and_synced_ascent_differ() -> None:
     """The two references are not the same update, so each test above checks its own mode."""
     a, b = reference(False, 1)[-1], reference(True, 1)[-1]
     assert not torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(tmp_path: Path) -> None:
+    ranks = run_ddp("monitor", tmp_path)
+    assert len(ranks[0]["local"]) == len(ranks[1]["local"]) == 4, "4 steps, each logged"
+    for local0, local1, reduced0, reduced1 in zip(
+        ranks[0]["local"], ranks[1]["local"], ranks[0]["reduced"], ranks[1]["reduced"], strict=True
+    ):
+        assert torch.equal(reduced0, reduced1)
+        torch.testing.assert_close(reduced0, (local0 + local1) / 2)
+        assert torch.isfinite(reduced0).all()
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)), (
+        "each rank measures on its own batch"
+    )
+    logged = list((tmp_path / "csv").glob("version_*/metrics.csv"))
+    assert len(logged) == 1, "one logger, on rank zero"
+    header = logged[0].read_text().splitlines()[0]
+    assert all(f"sharpness/{m}" in header for m in ("first_order", "hessian_max_eig", "adaptive_worst"))
