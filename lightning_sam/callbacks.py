@@ -170,8 +170,9 @@ class SharpnessMonitor(Callback):
         self.eigenvector: list[Tensor] | None = None
         self.fixed_batch: Any = None
         self.rng_state: Tensor = torch.Generator().manual_seed(seed).get_state()
-        # Per batch.
+        # What was logged: the last value of each key, and every (step, values) row of this process.
         self.last_values: dict[str, float] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []
         self._pending: dict[str, Tensor] = {}
         self._batch: Any = None
         self._batch_rng: dict[str, Any] | None = None
@@ -407,8 +408,9 @@ class SharpnessMonitor(Callback):
         reduced = self._reduce(trainer, stacked)
         metrics = {f"sharpness/{k}": float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
         self.last_values.update(metrics)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.history.append((step, metrics))
         if trainer.is_global_zero:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
