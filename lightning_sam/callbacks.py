@@ -175,13 +175,21 @@ class SharpnessMonitor(Callback):
         self.history: list[tuple[int, dict[str, float]]] = []
         self._pending: dict[str, Tensor] = {}
         self._batch: Any = None
-        self._batch_rng: dict[str, Any] | None = None
+        self._batch_rng: tuple[Tensor, Tensor | None] | None = None
         self._warned: set[str] = set()
+        self._state_key: str | None = None
+        self._log_now = False
+        self._shortest_interval = min(self.every_n_steps[m] for m in EXPENSIVE)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(measures=self.measures, every_n_steps=self.every_n_steps, rho=self.rho)
+        # Lightning reads it on every hook call: build it once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                measures=self.measures, every_n_steps=self.every_n_steps, rho=self.rho
+            )
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -223,7 +231,8 @@ class SharpnessMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
-        self._batch_rng = _collect_rng_states() if "first_order" in self.measures else None
+        self._log_now = _should_log(trainer)
+        self._batch_rng = _torch_rng_state() if self._log_now and "first_order" in self.measures else None
         if self.fixed_batch is None:
             self.fixed_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
 
@@ -231,7 +240,7 @@ class SharpnessMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not _should_log(trainer):
+        if not self._log_now:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params if p.grad is not None]
@@ -244,9 +253,12 @@ class SharpnessMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        step = trainer.global_step
+        if not self._log_now and step % self._shortest_interval:  # the common case: nothing to do
+            return
         values = self._pending
         self._pending = {}
-        if "first_order" in self.measures and isinstance(pl_module, SAMMixin) and _should_log(trainer):
+        if "first_order" in self.measures and isinstance(pl_module, SAMMixin) and self._log_now:
             values["first_order"] = pl_module.sam_stats["first_order_sharpness"].float()
         values.update(self._expensive(trainer, pl_module, at_end=False))
         self._log(trainer, values)
@@ -348,7 +360,7 @@ class SharpnessMonitor(Callback):
         """Eval mode (unless told), float32, grad on; modes and random state restored afterwards."""
         batch = self.fixed_batch if batch is None else batch
         params: list[Tensor] = [p for p in pl_module.parameters() if p.requires_grad]
-        modes = {m: m.training for m in pl_module.modules()}
+        modes = {m: m.training for m in pl_module.modules()} if eval_mode else {}
         rng = _collect_rng_states()
         generator = torch.Generator().manual_seed(0)
         generator.set_state(self.rng_state)
@@ -357,15 +369,7 @@ class SharpnessMonitor(Callback):
         device_type = pl_module.device.type
 
         def loss_fn() -> Tensor:
-            with observing(pl_module):
-                loss = self.loss_fn(pl_module, batch) if self.loss_fn else pl_module.training_step(batch, 0)
-            loss = loss.get("loss") if isinstance(loss, dict) else loss
-            if not isinstance(loss, Tensor):
-                raise MisconfigurationException(
-                    "SharpnessMonitor needs training_step to return the loss (a tensor or a dict with 'loss'), got "
-                    f"{type(loss).__name__}; or pass SharpnessMonitor(loss_fn=lambda module, batch: ...)."
-                )
-            return loss.float()
+            return self._loss(pl_module, batch)
 
         try:
             with torch.inference_mode(False), torch.autocast(device_type, enabled=False):
@@ -376,28 +380,40 @@ class SharpnessMonitor(Callback):
             for m, training in modes.items():
                 m.training = training
 
+    def _loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        """The training loss on ``batch`` in float32, with ``training_step``'s side effects undone."""
+        with observing(pl_module):
+            loss = self.loss_fn(pl_module, batch) if self.loss_fn else pl_module.training_step(batch, 0)
+        loss = loss.get("loss") if isinstance(loss, dict) else loss
+        if not isinstance(loss, Tensor):
+            raise MisconfigurationException(
+                "SharpnessMonitor needs training_step to return the loss (a tensor or a dict with 'loss'), got "
+                f"{type(loss).__name__}; or pass SharpnessMonitor(loss_fn=lambda module, batch: ...)."
+            )
+        return loss.float()
+
     def _first_order(self, pl_module: pl.LightningModule, params: list[Tensor], grads: list[Tensor]) -> Tensor:
         """``L(w + e) − L(w)`` on the current batch, modes and random state as in its training step."""
-        norm = grad_norm_squared(params, grads).sqrt()
-        scale = self.rho / (norm + 1e-12)
-        rng = self._batch_rng
-        with self._measuring(pl_module, eval_mode=False, batch=self._batch) as (loss_fn, _, _):
+        scale = self.rho / (grad_norm_squared(params, grads).sqrt() + 1e-12)
+        now = _collect_rng_states()
+        saved = [p.detach().clone() for p in params]
 
-            def replayed() -> Tensor:
-                if rng is not None:
-                    _set_rng_states(rng)
-                return loss_fn()
+        def replayed() -> Tensor:  # dropout draws from torch's generators: replay the training step's
+            if self._batch_rng is not None:
+                _set_torch_rng_state(self._batch_rng)
+            return self._loss(pl_module, self._batch)
 
-            with torch.no_grad():
+        try:
+            with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
                 before = replayed()
-                saved = [p.detach().clone() for p in params]
-                try:
-                    for p, g in zip(params, grads, strict=True):
-                        p.add_(g.float().to(p.dtype) * scale.to(p.device))
-                    after = replayed()
-                finally:
-                    for p, w in zip(params, saved, strict=True):
-                        p.copy_(w)
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(g.to(p.dtype) * scale.to(device=p.device, dtype=p.dtype))
+                after = replayed()
+        finally:
+            with torch.no_grad():
+                for p, w in zip(params, saved, strict=True):
+                    p.copy_(w)
+            _set_rng_states(now)
         return (after - before).float()
 
     def _log(self, trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
@@ -423,6 +439,17 @@ class SharpnessMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=RuntimeWarning)
+
+
+def _torch_rng_state() -> tuple[Tensor, Tensor | None]:
+    """Torch's CPU generator and the current CUDA device's (cheaper than Lightning's full set)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_torch_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
 
 
 def _should_log(trainer: pl.Trainer) -> bool:

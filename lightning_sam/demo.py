@@ -156,7 +156,7 @@ def fit_one(args: argparse.Namespace, use_sam: bool, seed: int, out_dir: Path) -
         precision=args.precision,
         logger=logger,
         callbacks=[accuracy, *([monitor] if logger else [])],
-        log_every_n_steps=10,
+        log_every_n_steps=25,
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=not args.quiet,
