@@ -214,21 +214,26 @@ def plot(results: list[RunResult], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     keys = sorted({k for r in results for _, row in r.sharpness_history for k in row})
-    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.2 * (1 + len(keys)), 3.4), squeeze=False)
+    cols = min(3, 1 + len(keys))
+    rows = -(-(1 + len(keys)) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    axes = grid.reshape(1, -1)
+    for ax in axes[0, 1 + len(keys) :]:
+        ax.set_visible(False)
     colors = {"SGD": "tab:blue", "SAM": "tab:red"}
     for r in results:
         label = f"{r.name} (seed {r.seed})"
         if r.accuracy_curve:
             epochs, accs = zip(*r.accuracy_curve, strict=True)
             axes[0, 0].plot(epochs, accs, color=colors[r.name], alpha=0.8, label=label)
-        for ax, key in zip(axes[0, 1:], keys, strict=True):
+        for ax, key in zip(axes[0, 1:], keys, strict=False):
             points = [(step, row[key]) for step, row in r.sharpness_history if key in row]
             if points:
                 steps, values = zip(*points, strict=True)
                 ax.plot(steps, values, color=colors[r.name], alpha=0.8, marker="." if len(points) < 20 else None)
     axes[0, 0].set(title="clean test accuracy", xlabel="epoch")
     axes[0, 0].legend(fontsize=7)
-    for ax, key in zip(axes[0, 1:], keys, strict=True):
+    for ax, key in zip(axes[0, 1:], keys, strict=False):
         ax.set(title=key, xlabel="step")
         if key.endswith(("hessian_max_eig", "hessian_trace")):
             ax.set_yscale("log")
