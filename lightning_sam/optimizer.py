@@ -107,7 +107,9 @@ class SAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
-        self._perturbed: list[tuple[list[Tensor], list[Tensor], bool | None]] | None = None
+        # What lives between first_step and second_step: the saved weights. Kept in a dict that is shared, not
+        # rebound, because Lightning's and Fabric's optimizer wrappers copy this object's __dict__.
+        self._between_steps: dict[str, list[tuple[list[Tensor], list[Tensor], bool | None]] | None] = {"saved": None}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to SAM and its base optimizer (they share ``param_groups``)."""
@@ -122,7 +124,7 @@ class SAM(Optimizer):
     @property
     def is_perturbed(self) -> bool:
         """True between ``first_step`` and ``second_step``: the weights are at ``w + e``."""
-        return self._perturbed is not None
+        return self._between_steps["saved"] is not None
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -154,7 +156,7 @@ class SAM(Optimizer):
         Raises:
             RuntimeError: The weights are already perturbed (``second_step`` was not called).
         """
-        if self._perturbed is not None:
+        if self.is_perturbed:
             raise RuntimeError(
                 "SAM.first_step() was called twice in a row: the weights are already perturbed. "
                 "Call second_step() after the backward pass at the perturbed point."
@@ -169,7 +171,7 @@ class SAM(Optimizer):
             foreach = group.get("foreach")
             backup = perturb_(params, grads, scale, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
             perturbed.append((params, backup, foreach))
-        self._perturbed = perturbed
+        self._between_steps["saved"] = perturbed
         if zero_grad:
             self.zero_grad()
         return norm
@@ -180,9 +182,9 @@ class SAM(Optimizer):
 
         Use it to abandon a step, e.g. when the second pass produced a non-finite loss.
         """
-        for params, backup, foreach in self._perturbed or ():
+        for params, backup, foreach in self._between_steps["saved"] or ():
             restore_(params, backup, foreach=foreach)
-        self._perturbed = None
+        self._between_steps["saved"] = None
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -194,7 +196,7 @@ class SAM(Optimizer):
         Raises:
             RuntimeError: ``first_step`` was not called before.
         """
-        if self._perturbed is None:
+        if not self.is_perturbed:
             raise RuntimeError(
                 "SAM.second_step() was called without first_step(): the weights are not perturbed. "
                 "Call first_step() after the first backward pass, or use step(closure)."
@@ -229,14 +231,14 @@ class SAM(Optimizer):
             ValueError: No closure, and ``first_step`` was not called.
         """
         if closure is None:
-            if self._perturbed is None:
+            if not self.is_perturbed:
                 raise ValueError(
                     "SAM.step() needs a closure that computes the loss and calls backward() at the perturbed "
                     "weights, e.g. opt.step(closure); or call opt.first_step() and the backward pass first."
                 )
             self.second_step()
             return None
-        if self._perturbed is None:
+        if not self.is_perturbed:
             self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
@@ -249,7 +251,7 @@ class SAM(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict and keep sharing ``param_groups`` and ``state`` with the base optimizer."""
-        if self._perturbed is not None:
+        if self.is_perturbed:
             raise RuntimeError("Cannot load a state dict between first_step() and second_step(): call second_step().")
         super().load_state_dict(state_dict)
         self.base_optimizer.param_groups = self.param_groups

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -344,3 +345,60 @@ def test_misuse_raises_with_instructions() -> None:
     with pytest.raises(RuntimeError, match="call second_step"):
         opt.load_state_dict(opt.state_dict())
     opt.second_step()
+
+
+def manual_sam_steps(
+    opt: Any, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], backward: Any
+) -> None:
+    for batch in batches:
+        opt.zero_grad()
+        backward(loss_at(model, batch))
+        opt.first_step(zero_grad=True)
+        backward(loss_at(model, batch))
+        opt.step()  # no closure after first_step: finishes the step
+
+
+def test_wrappers_that_copy_the_optimizer_dict_share_the_perturbation() -> None:
+    """Fabric's (and Lightning's) optimizer wrappers copy __dict__: first_step on the wrapper, step on the original."""
+    import lightning as L
+
+    batches = make_batches(5, dtype=torch.float32)
+    reference = make_mlp(dtype=torch.float32)
+    manual_sam_steps(
+        SAM(reference.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9), reference, batches, torch.Tensor.backward
+    )
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    model = make_mlp(dtype=torch.float32)
+    wrapped_model, wrapped_opt = fabric.setup(model, SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9))
+    manual_sam_steps(wrapped_opt, wrapped_model, batches, fabric.backward)
+    assert torch.equal(flat(model), flat(reference))
+
+
+def test_grad_scaler_step_finishes_the_sam_step_and_skips_on_inf() -> None:
+    batches = make_batches(4, dtype=torch.float32)
+    reference = make_mlp(dtype=torch.float32)
+    manual_sam_steps(SAM(reference.parameters(), torch.optim.SGD, lr=0.1), reference, batches, torch.Tensor.backward)
+
+    model = make_mlp(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for batch in [*batches[:2], None, *batches[2:]]:
+        poisoned = batch is None
+        batch = batch or batches[0]
+        start = flat(model).clone()
+        opt.zero_grad()
+        scaler.scale(loss_at(model, batch)).backward()
+        opt.first_step(zero_grad=True)  # scaled gradients: the direction is the same, no unscale needed
+        loss = loss_at(model, batch) * (math.inf if poisoned else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # unscales, then SAM.step() unless inf/nan was found
+        scaler.update()
+        if poisoned:
+            assert opt.is_perturbed, "the scaler skipped SAM.step()"
+            opt.restore()
+            assert torch.equal(flat(model), start)
+            assert scaler.get_scale() == 512.0
+        else:
+            assert not opt.is_perturbed
+    torch.testing.assert_close(flat(model), flat(reference), rtol=0, atol=1e-6)
