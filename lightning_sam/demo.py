@@ -70,12 +70,12 @@ class DigitsMLP(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         x, y = batch
-        self.log("test_acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True)
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:  # noqa: D102
         return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], **_SGD)
