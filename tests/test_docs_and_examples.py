@@ -28,7 +28,11 @@ def test_docs_have_python_blocks() -> None:
 
 
 @pytest.mark.parametrize(("where", "code"), python_blocks(), ids=[w for w, _ in python_blocks()])
-def test_docs_python_block_runs(where: str, code: str) -> None:
+def test_docs_python_block_runs(where: str, code: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a block's WandbLogger(offline=True) must not leak into other tests
     exec(compile(code, where, "exec"), {"__name__": "__docs__"})
 
 
