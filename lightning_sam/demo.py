@@ -129,11 +129,21 @@ def _logger(kind: str, out_dir: Path, name: str, group: str) -> Any:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         return TensorBoardLogger(out_dir, name=name)
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    offline = os.environ.get("WANDB_MODE") == "offline" or not wandb.api.api_key
-    return WandbLogger(project=PROJECT, name=name, group=group, save_dir=str(out_dir), offline=offline)
+    # Offline unless logged in (or WANDB_MODE says otherwise): an explicit wandb.init(mode=...) beats any setting.
+    mode = None if "WANDB_MODE" in os.environ or _wandb_logged_in() else "offline"
+    return WandbLogger(project=PROJECT, name=name, group=group, save_dir=str(out_dir), mode=mode)
+
+
+def _wandb_logged_in() -> bool:
+    """Whether W&B has credentials, asked without a prompt or a network call."""
+    import wandb
+
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except TypeError:  # a wandb without login(prompt=...)
+        return bool(os.environ.get("WANDB_API_KEY"))
 
 
 def fit_one(args: argparse.Namespace, use_sam: bool, seed: int, out_dir: Path) -> RunResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,17 +37,18 @@ def test_demo_prints_the_table_and_writes_the_figure(capsys: pytest.CaptureFixtu
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_logs_to_wandb_offline_and_prints_the_sync_line(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert main(["--epochs", "1", "--seeds", "0", "--quiet", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "wandb sync" in out
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+def test_demo_logs_to_wandb_offline_without_a_login_and_prints_the_sync_line(tmp_path: Path) -> None:
+    """A fresh process with no W&B login and no WANDB_MODE: the demo must go offline by itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"HOME": str(tmp_path), "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "config")})
+    env.update({"WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_DATA_DIR": str(tmp_path / "data")})
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_sam", "demo", "--epochs", "1", "--seeds", "0", "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wandb sync" in done.stdout
+    runs = list((tmp_path / "lightning_sam_demo" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, "one W&B run for SGD, one for SAM, in one project"
 
 
