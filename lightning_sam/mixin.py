@@ -179,8 +179,9 @@ class SAMMixin:
         output = configure()
         _, schedulers, monitor = _configure_optimizers(output)
         self._sam_scheduler_configs = _configure_schedulers_automatic_opt(schedulers, monitor)
-        callbacks: list[Callback] = self._sam_module.trainer.callbacks  # type: ignore[attr-defined]
-        if not any(isinstance(c, _PendingPlateauSchedulers) for c in callbacks):
+        trainer = self._sam_module._trainer  # None when called outside a fit
+        callbacks: list[Callback] = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]
+        if trainer is not None and not any(isinstance(c, _PendingPlateauSchedulers) for c in callbacks):
             callbacks.insert(0, _PendingPlateauSchedulers())  # first, so LearningRateMonitor sees the new lr
         return _without_plateau_keys(output)
 
