@@ -25,6 +25,14 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+class WithUnusedParameter(SAMNet):
+    """A parameter no pass uses: DDP's reducer must be told, in the synced (second) backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Linear(2, 2)
+
+
 class RecordingMonitor(SharpnessMonitor):
     """Keeps what each rank measured and what came out of the cross-rank mean."""
 
@@ -72,10 +80,14 @@ def main(mode: str, out_dir: Path) -> None:
         result = {"local": monitor.local, "reduced": monitor.reduced, "last_values": monitor.last_values}
         torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
         return
-    for name, value in MODES[mode].items():
+    strategy = "ddp"
+    if mode == "unused_parameters":
+        torch.manual_seed(0)
+        model, strategy = WithUnusedParameter(), "ddp_find_unused_parameters_true"
+    for name, value in MODES.get(mode, MODES["per_device"]).items():
         setattr(model, name, value)
     saver = SaveParams()
-    fit = trainer(strategy="ddp", devices=2, callbacks=[saver], use_distributed_sampler=False)
+    fit = trainer(strategy=strategy, devices=2, callbacks=[saver], use_distributed_sampler=False)
     fit.fit(model, datamodule=RankData())
     torch.save({"trajectory": saver.trajectory, "global_step": fit.global_step}, out_dir / f"rank{fit.global_rank}.pt")
 

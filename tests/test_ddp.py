@@ -99,6 +99,17 @@ def test_ddp_matches_the_single_process_reference(mode: str, tmp_path: Path) -> 
         torch.testing.assert_close(p0, ref, rtol=0, atol=1e-5, msg=f"after batch {step}")
 
 
+def test_unused_parameters_keep_the_reducer_correct(tmp_path: Path) -> None:
+    ranks = run_ddp("unused_parameters", tmp_path)
+    expected = reference(sync_ascent=False, accumulate=1)
+    n = expected[0].numel()
+    for p0, p1, ref in zip(ranks[0]["trajectory"], ranks[1]["trajectory"], expected, strict=True):
+        assert torch.equal(p0, p1)
+        torch.testing.assert_close(p0[:n], ref, rtol=0, atol=1e-5)
+        assert torch.equal(p0[n:], ranks[0]["trajectory"][0][n:]), "the unused parameter never moves"
+    assert ranks[0]["global_step"] == 4
+
+
 def test_per_device_and_synced_ascent_differ() -> None:
     """The two references are not the same update, so each test above checks its own mode."""
     a, b = reference(False, 1)[-1], reference(True, 1)[-1]
