@@ -211,52 +211,53 @@ class SAMMixin:
             loss = _loss_of(output)
             module.manual_backward(loss / k)
         grad_norm = sam.first_step(zero_grad=True)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        for p, g in zip(params, accumulated, strict=True):
-            p.grad = g
+        try:
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            for p, g in zip(params, accumulated, strict=True):
+                p.grad = g
 
-        rng_after = _collect_rng_states() if rng_before is not None else None
-        if rng_before is not None:
-            _set_rng_states(rng_before)
-        with self._sam_second_pass_flag(), observing(module), _unless(last_micro_batch, _no_backward_sync(trainer)):
-            perturbed_loss = _loss_of(run_step())
-            backward_loss = perturbed_loss / k
-            if scaler is not None:  # a non-finite first pass makes the scaler skip this step too
-                backward_loss = backward_loss * torch.where(finite, 1.0, math.nan)
-            module.manual_backward(backward_loss)
-        if rng_after is not None:
-            _set_rng_states(rng_after)
+            rng_after = _collect_rng_states() if rng_before is not None else None
+            if rng_before is not None:
+                _set_rng_states(rng_before)
+            with self._sam_second_pass_flag(), observing(module), _unless(last_micro_batch, _no_backward_sync(trainer)):
+                perturbed_loss = _loss_of(run_step())
+                backward_loss = perturbed_loss / k
+                if scaler is not None:  # a non-finite first pass makes the scaler skip this step too
+                    backward_loss = backward_loss * torch.where(finite, 1.0, math.nan)
+                module.manual_backward(backward_loss)
+            if rng_after is not None:
+                _set_rng_states(rng_after)
 
-        finite &= torch.isfinite(perturbed_loss.detach())
-        self._sam_finite &= finite
-        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        self.sam_stats = {
-            "loss": loss.detach(),
-            "perturbed_loss": perturbed_loss.detach(),
-            "first_order_sharpness": (perturbed_loss - loss).detach(),
-            "grad_norm": grad_norm / scale,
-        }
-        if not last_micro_batch:
-            sam.restore()
+            finite &= torch.isfinite(perturbed_loss.detach())
+            self._sam_finite &= finite
+            scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+            self.sam_stats = {
+                "loss": loss.detach(),
+                "perturbed_loss": perturbed_loss.detach(),
+                "first_order_sharpness": (perturbed_loss - loss).detach(),
+                "grad_norm": grad_norm * k / scale,  # of the loss itself, not of loss / k
+            }
+            if not last_micro_batch:
+                return output  # the weights go back to w below; the gradients keep accumulating
+            if scaler is None and not trainer.strategy.reduce_boolean_decision(bool(self._sam_finite), all=True):
+                sam.zero_grad()
+                message = (
+                    f"SAMMixin: a non-finite loss or gradient at global step {trainer.global_step}; the step was "
+                    "skipped and the weights and optimizer state are unchanged."
+                )
+                if self.sam_nonfinite == "raise":
+                    raise FloatingPointError(message + " (sam_nonfinite='raise')")
+                rank_zero_warn(message + " Set sam_nonfinite='raise' to stop instead.", category=RuntimeWarning)
+                return output
+
+            with self._sam_clipping(sam):
+                opt.step()  # precision plugin: unscale (fp16), hooks, SAM.step() -> restore w, base step
+            self._sam_step_schedulers(batch_idx)
             return output
-        if scaler is None and not trainer.strategy.reduce_boolean_decision(bool(self._sam_finite), all=True):
+        finally:
+            # Back to w unless SAM.step() already did: after an accumulating micro-batch, a skipped step (the
+            # GradScaler's or ours), or an error anywhere above. The weights are never left at w + e.
             sam.restore()
-            sam.zero_grad()
-            message = (
-                f"SAMMixin: a non-finite loss or gradient at global step {trainer.global_step}; the step was skipped "
-                "and the weights and optimizer state are unchanged."
-            )
-            if self.sam_nonfinite == "raise":
-                raise FloatingPointError(message + " (sam_nonfinite='raise')")
-            rank_zero_warn(message + " Set sam_nonfinite='raise' to stop instead.", category=RuntimeWarning)
-            return output
-
-        with self._sam_clipping(sam):
-            opt.step()  # precision plugin: unscale (fp16), hooks, SAM.step() -> restore w, base step
-        if sam.is_perturbed:  # the GradScaler found inf/nan and skipped SAM.step()
-            sam.restore()
-        self._sam_step_schedulers(batch_idx)
-        return output
 
     @contextmanager
     def _sam_second_pass_flag(self) -> Iterator[None]:

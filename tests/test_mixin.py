@@ -621,3 +621,28 @@ def test_lightning_cli_fits_a_sam_module(tmp_path: Path, monkeypatch: pytest.Mon
     assert cli.model.rho == 0.1
     assert cli.trainer.global_step == 8
     assert cli.trainer.optimizers[0].param_groups[0]["rho"] == 0.1
+
+
+class FailsInSecondPass(SAMNet):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if batch_idx == 2 and self.sam_second_pass:
+            raise RuntimeError("boom in the second pass")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_error_in_the_second_pass_leaves_the_weights_at_w() -> None:
+    model, snaps = seeded(FailsInSecondPass), Snapshots()
+    with pytest.raises(RuntimeError, match="boom in the second pass"):
+        trainer(callbacks=[snaps]).fit(model, loader())
+    assert torch.equal(flat_params(model), snaps.before[2][0])
+    assert not model.trainer.optimizers[0].is_perturbed
+
+
+def test_sam_stats_grad_norm_is_of_the_loss_with_accumulation() -> None:
+    norms = {}
+    for k in (1, 2):
+        model, record = seeded(SAMNet), RecordAfterBatch()
+        model.sam_accumulate_grad_batches = k
+        trainer(max_steps=1, callbacks=[record]).fit(model, loader())
+        norms[k] = record.rows[0]["stats"]["grad_norm"]
+    torch.testing.assert_close(norms[2], norms[1])  # the same first batch, the same weights
