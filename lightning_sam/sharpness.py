@@ -51,12 +51,12 @@ def _norm(vectors: Sequence[Tensor]) -> Tensor:
 
 
 @contextmanager
-def _restored(params: Sequence[Tensor]) -> Iterator[None]:
-    """Give the parameters back bitwise, whatever happens inside."""
+def _restored(params: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    """Yield a copy of the parameters and give them back bitwise from it, whatever happens inside."""
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
     try:
-        yield
+        yield saved
     finally:
         with torch.no_grad():
             restore_(list(params), saved)
@@ -231,10 +231,13 @@ def first_order_sharpness(loss_fn: LossFn, params: Sequence[Tensor], rho: float 
     with torch.enable_grad():
         loss = loss_fn()
         grads = list(torch.autograd.grad(loss, params))
-    with _restored(params), torch.no_grad():
+    with torch.no_grad():
         norm = grad_norm_squared(params, grads).sqrt()
-        perturb_(params, grads, rho / (norm + 1e-12))
-        return (loss_fn() - loss).detach()
+        backup = perturb_(params, grads, rho / (norm + 1e-12))
+        try:
+            return (loss_fn() - loss).detach()
+        finally:
+            restore_(params, backup)
 
 
 def adaptive_sharpness_avg(
@@ -263,8 +266,7 @@ def adaptive_sharpness_avg(
         The estimate (0-dim tensor).
     """
     params = list(params)
-    with torch.no_grad(), _restored(params):
-        saved = [p.detach().clone() for p in params]
+    with torch.no_grad(), _restored(params) as saved:
         base = loss_fn()
         losses = []
         for _ in range(max(samples // 2, 1)):
@@ -294,8 +296,7 @@ def adaptive_sharpness_worst(loss_fn: LossFn, params: Sequence[Tensor], *, rho: 
         The estimate (0-dim tensor, ``>= 0``).
     """
     params = list(params)
-    with _restored(params):
-        saved = [p.detach().clone() for p in params]
+    with _restored(params) as saved:
         scale = [w.abs() for w in saved]
         z = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
@@ -357,8 +358,7 @@ def loss_along(loss_fn: LossFn, params: Sequence[Tensor], direction: Sequence[Te
         The losses (1-D tensor, on the loss's device).
     """
     params = list(params)
-    with torch.no_grad(), _restored(params):
-        saved = [p.detach().clone() for p in params]
+    with torch.no_grad(), _restored(params) as saved:
         losses = []
         for alpha in alphas.tolist():
             for p, w, d in zip(params, saved, direction, strict=True):
