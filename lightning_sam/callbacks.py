@@ -18,7 +18,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sam import sharpness
-from lightning_sam.functional import grad_norm_squared
+from lightning_sam.functional import grad_norm_squared, perturb_, restore_
 from lightning_sam.mixin import SAMMixin, observing
 from lightning_sam.optimizer import SAM
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_landscape
@@ -394,9 +394,7 @@ class SharpnessMonitor(Callback):
 
     def _first_order(self, pl_module: pl.LightningModule, params: list[Tensor], grads: list[Tensor]) -> Tensor:
         """``L(w + e) − L(w)`` on the current batch, modes and random state as in its training step."""
-        scale = self.rho / (grad_norm_squared(params, grads).sqrt() + 1e-12)
         now = _collect_rng_states()
-        saved = [p.detach().clone() for p in params]
 
         def replayed() -> Tensor:  # dropout draws from torch's generators: replay the training step's
             if self._batch_rng is not None:
@@ -406,13 +404,12 @@ class SharpnessMonitor(Callback):
         try:
             with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
                 before = replayed()
-                for p, g in zip(params, grads, strict=True):
-                    p.add_(g.to(p.dtype) * scale.to(device=p.device, dtype=p.dtype))
-                after = replayed()
+                backup = perturb_(params, grads, self.rho / (grad_norm_squared(params, grads).sqrt() + 1e-12))
+                try:
+                    after = replayed()
+                finally:
+                    restore_(params, backup)
         finally:
-            with torch.no_grad():
-                for p, w in zip(params, saved, strict=True):
-                    p.copy_(w)
             _set_rng_states(now)
         return (after - before).float()
 
