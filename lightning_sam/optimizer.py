@@ -129,16 +129,11 @@ class SAM(Optimizer):
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
         """The global ``‖T g‖`` over all groups of the current gradients (0-dim tensor, no sync)."""
-        squares = [
-            grad_norm_squared(params, grads, adaptive=group["adaptive"], eta=group["eta"], foreach=group.get("foreach"))
-            for group in self.param_groups
-            for params, grads in [_params_and_grads(group)]
-            if params
-        ]
-        if not squares:
-            return torch.zeros(())
-        device = squares[0].device
-        return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+        return _global_norm(self._groups_with_grads())
+
+    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """Each group that has gradients, with its parameters that have one and those gradients."""
+        return [(group, *pg) for group in self.param_groups if (pg := _params_and_grads(group))[0]]
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> Tensor:
@@ -161,12 +156,10 @@ class SAM(Optimizer):
                 "SAM.first_step() was called twice in a row: the weights are already perturbed. "
                 "Call second_step() after the backward pass at the perturbed point."
             )
-        norm = self.grad_norm()
+        groups = self._groups_with_grads()
+        norm = _global_norm(groups)
         perturbed = []
-        for group in self.param_groups:
-            params, grads = _params_and_grads(group)
-            if not params:
-                continue
+        for group, params, grads in groups:
             scale = group["rho"] / (norm + group["perturb_eps"])
             foreach = group.get("foreach")
             backup = perturb_(params, grads, scale, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
@@ -256,6 +249,18 @@ class SAM(Optimizer):
         super().load_state_dict(state_dict)
         self.base_optimizer.param_groups = self.param_groups
         self.base_optimizer.state = self.state
+
+
+def _global_norm(groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> Tensor:
+    """``sqrt`` of the per-group ``‖T g‖²`` summed: the norm runs over all groups, each with its own ``T``."""
+    squares = [
+        grad_norm_squared(params, grads, adaptive=group["adaptive"], eta=group["eta"], foreach=group.get("foreach"))
+        for group, params, grads in groups
+    ]
+    if not squares:
+        return torch.zeros(())
+    device = squares[0].device
+    return torch.stack([s.to(device) for s in squares]).sum().sqrt()
 
 
 def _params_and_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
