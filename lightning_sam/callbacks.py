@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_sam import sharpness
 from lightning_sam.functional import grad_norm_squared, perturb_, restore_
-from lightning_sam.mixin import SAMMixin, observing
+from lightning_sam.mixin import SAMMixin, loss_in, observing
 from lightning_sam.optimizer import SAM
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_landscape
 
@@ -383,12 +383,12 @@ class SharpnessMonitor(Callback):
     def _loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         """The training loss on ``batch`` in float32, with ``training_step``'s side effects undone."""
         with observing(pl_module):
-            loss = self.loss_fn(pl_module, batch) if self.loss_fn else pl_module.training_step(batch, 0)
-        loss = loss.get("loss") if isinstance(loss, dict) else loss
-        if not isinstance(loss, Tensor):
+            output = self.loss_fn(pl_module, batch) if self.loss_fn else pl_module.training_step(batch, 0)
+        loss = loss_in(output)
+        if loss is None:
             raise MisconfigurationException(
                 "SharpnessMonitor needs training_step to return the loss (a tensor or a dict with 'loss'), got "
-                f"{type(loss).__name__}; or pass SharpnessMonitor(loss_fn=lambda module, batch: ...)."
+                f"{type(output).__name__}; or pass SharpnessMonitor(loss_fn=lambda module, batch: ...)."
             )
         return loss.float()
 

@@ -427,9 +427,15 @@ def _check_settings(module: SAMMixin, trainer: pl.Trainer) -> None:
         )
 
 
-def _loss_of(output: Any) -> Tensor:
+def loss_in(output: Any) -> Tensor | None:
+    """The loss in a ``training_step`` output (a tensor, or ``"loss"`` of a dict), else None."""
     loss = output.get("loss") if isinstance(output, dict) else output
-    if not isinstance(loss, Tensor) or not loss.requires_grad:
+    return loss if isinstance(loss, Tensor) else None
+
+
+def _loss_of(output: Any) -> Tensor:
+    loss = loss_in(output)
+    if loss is None or not loss.requires_grad:
         raise MisconfigurationException(
             "With SAMMixin, training_step must return the loss (a tensor that requires grad, or a dict with "
             f"'loss'), got {type(output).__name__}. SAM needs it for both of its backward passes."
