@@ -3,6 +3,7 @@
 from lightning_sam.callbacks import SharpnessMonitor
 from lightning_sam.mixin import SAMMixin
 from lightning_sam.optimizer import SAM
+from lightning_sam.step import SAMStep
 
-__all__ = ["SAM", "SAMMixin", "SharpnessMonitor"]
+__all__ = ["SAM", "SAMMixin", "SAMStep", "SharpnessMonitor"]
 __version__ = "0.1.0"

@@ -18,8 +18,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sam import sharpness
+from lightning_sam._observe import loss_in, observing
 from lightning_sam.functional import grad_norm_squared, perturb_, restore_
-from lightning_sam.mixin import SAMMixin, loss_in, observing
+from lightning_sam.mixin import SAMMixin
 from lightning_sam.optimizer import SAM
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_landscape
 

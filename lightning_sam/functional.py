@@ -8,7 +8,9 @@ and ``torch/nn/utils/clip_grad.py`` pattern). Neither path ever synchronizes the
 with the device: norms and scales stay tensors.
 
 With ``T = I`` (SAM, Foret et al. 2021) or ``T = diag(|w| + eta)`` (ASAM, Kwon et al.
-2021) the perturbation is ``e = rho * T² g / (‖T g‖ + eps)``.
+2021) the perturbation is ``e = rho * T² g / (‖T g‖ + eps)``. Half-precision weights
+get their perturbation computed in float32 (a scale such as ``rho / ‖g‖ = 1e-8`` is 0
+in float16).
 
 Example:
     >>> import torch
@@ -32,10 +34,12 @@ from functools import reduce
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _default_to_fused_or_foreach
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from lightning_sam._compat import default_foreach, group_by_device_and_dtype
 
 __all__ = ["grad_norm_squared", "perturb_", "restore_"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _resolve_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
@@ -46,7 +50,7 @@ def _resolve_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
     """
     if foreach is not None:
         return foreach
-    return _default_to_fused_or_foreach(list(tensors), differentiable=False, use_fused=False)[1]
+    return default_foreach(list(tensors))
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,12 +58,9 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _buckets(
-    tensorlists: Sequence[Sequence[Tensor]],
-) -> list[tuple[list[list[Tensor]], list[int]]]:
-    """Group aligned tensor lists by the (device, dtype) of the first list."""
-    grouped = _group_tensors_by_device_and_dtype([list(ts) for ts in tensorlists], with_indices=True)
-    return [(lists, indices) for lists, indices in grouped.values()]  # type: ignore[misc]
+def _check_aligned(params: Sequence[Tensor], others: Sequence[Tensor], what: str) -> None:
+    if len(params) != len(others):
+        raise ValueError(f"params and {what} must be aligned, got {len(params)} params and {len(others)} {what}.")
 
 
 def grad_norm_squared(
@@ -93,13 +94,12 @@ def grad_norm_squared(
         >>> grad_norm_squared([torch.ones(2)], [torch.tensor([1.0, 2.0])], adaptive=True, eta=1.0)
         tensor(20.)
     """
-    if len(params) != len(grads):
-        raise ValueError(f"params and grads must be aligned, got {len(params)} params and {len(grads)} grads.")
+    _check_aligned(params, grads, "grads")
     if not grads:
         return torch.zeros(())
     norms: list[Tensor] = []
     if _resolve_foreach(grads, foreach):
-        for (bucket_params, bucket_grads), _ in _buckets([params, grads]):
+        for (bucket_params, bucket_grads), _ in group_by_device_and_dtype([list(params), list(grads)]):
             dtype = _norm_dtype(bucket_grads[0].dtype)
             if adaptive:
                 scaled = torch._foreach_abs(bucket_params)
@@ -125,6 +125,7 @@ def perturb_(
     adaptive: bool = False,
     eta: float = 0.0,
     foreach: bool | None = None,
+    out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Save an exact copy of ``params``, then move them in place by ``e = scale * T² g``.
 
@@ -139,24 +140,29 @@ def perturb_(
         adaptive: Use ASAM's ``T = diag(|w| + eta)``.
         eta: ASAM's offset.
         foreach: As in [`grad_norm_squared`][lightning_sam.functional.grad_norm_squared].
+        out: Tensors shaped like ``params`` to save the copy into (reused from step to
+            step, they spare an allocation); new ones are allocated when None.
 
     Returns:
-        The saved weights, aligned with ``params``: hand them to
-        [`restore_`][lightning_sam.functional.restore_]. They are the only extra
-        parameter-sized memory that outlives the call.
+        The saved weights, aligned with ``params`` (``out`` when given): hand them to
+        [`restore_`][lightning_sam.functional.restore_].
     """
-    if len(params) != len(grads):
-        raise ValueError(f"params and grads must be aligned, got {len(params)} params and {len(grads)} grads.")
-    backup: list[Tensor] = [torch.empty(0)] * len(params)
+    _check_aligned(params, grads, "grads")
+    backup = [torch.empty_like(p) for p in params] if out is None else list(out)
+    _check_aligned(params, backup, "out")
+    if not params:
+        return backup
     if _resolve_foreach(params, foreach):
-        for (bucket_params, bucket_grads), indices in _buckets([params, grads]):
-            saved = [torch.empty_like(p) for p in bucket_params]
-            torch._foreach_copy_(saved, bucket_params)
-            for i, copy in zip(indices, saved, strict=True):
-                backup[i] = copy
+        for (bucket_params, bucket_grads, bucket_backup), _ in group_by_device_and_dtype(
+            [list(params), list(grads), backup]
+        ):
+            torch._foreach_copy_(bucket_backup, bucket_params)
             bucket_scale = scale.to(bucket_params[0].device) if isinstance(scale, Tensor) else scale
+            low = bucket_params[0].dtype in _LOW_PRECISION
+            if low:  # in float32: the scale alone may be 0 in half precision
+                bucket_grads = [g.float() for g in bucket_grads]
             if adaptive:
-                e = torch._foreach_abs(bucket_params)
+                e = torch._foreach_abs([p.float() for p in bucket_params] if low else bucket_params)
                 torch._foreach_add_(e, eta)
                 torch._foreach_mul_(e, e)
                 torch._foreach_mul_(e, bucket_grads)
@@ -165,10 +171,14 @@ def perturb_(
                 e = torch._foreach_mul(bucket_grads, bucket_scale)
             torch._foreach_add_(bucket_params, e)
     else:
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            backup[i] = p.clone()
+        for p, g, saved in zip(params, grads, backup, strict=True):
+            saved.copy_(p)
             p_scale = scale.to(p.device) if isinstance(scale, Tensor) else torch.tensor(scale, device=p.device)
-            p.addcmul_(p.abs().add_(eta).square_().mul_(g) if adaptive else g, p_scale)  # no temporary for SAM
+            if p.dtype in _LOW_PRECISION:  # in float32: the scale alone may be 0 in half precision
+                g32 = g.float()
+                p.add_((p.float().abs_().add_(eta).square_().mul_(g32) if adaptive else g32).mul_(p_scale))
+            else:
+                p.addcmul_(p.abs().add_(eta).square_().mul_(g) if adaptive else g, p_scale)  # no temporary for SAM
     return backup
 
 
@@ -180,12 +190,11 @@ def restore_(params: Sequence[Tensor], backup: Sequence[Tensor], *, foreach: boo
         backup: The copies returned by [`perturb_`][lightning_sam.functional.perturb_].
         foreach: As in [`grad_norm_squared`][lightning_sam.functional.grad_norm_squared].
     """
-    if len(params) != len(backup):
-        raise ValueError(f"params and backup must be aligned, got {len(params)} params and {len(backup)} copies.")
+    _check_aligned(params, backup, "copies")
     if not params:
         return
     if _resolve_foreach(params, foreach):
-        for (bucket_params, bucket_backup), _ in _buckets([params, backup]):
+        for (bucket_params, bucket_backup), _ in group_by_device_and_dtype([list(params), list(backup)]):
             torch._foreach_copy_(bucket_params, bucket_backup)
     else:
         for p, saved in zip(params, backup, strict=True):

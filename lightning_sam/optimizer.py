@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -15,21 +18,59 @@ from lightning_sam.functional import grad_norm_squared, perturb_, restore_
 __all__ = ["SAM"]
 
 _SAM_KEYS = ("rho", "adaptive", "eta", "perturb_eps")
+_DAVDA54_STATE = ("old_p", "e_w")  # what davda54/sam and pytorch_optimizer leave in ``state`` between steps
+
+NonFinite = Literal["skip", "raise", "unchecked"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _validate_group(group: dict[str, Any]) -> None:
-    """Check SAM's per-group hyperparameters; raise ``ValueError`` naming the fix."""
+    """Check SAM's per-group hyperparameters and parameters; raise ``ValueError`` naming the fix."""
     rho, eta, eps = group["rho"], group["eta"], group["perturb_eps"]
-    if not (isinstance(rho, int | float) and math.isfinite(rho) and rho >= 0):
+    if not (_is_number(rho) and rho >= 0):
         raise ValueError(f"Invalid rho: {rho!r}. rho is the radius of the ascent step and must be >= 0 (try 0.05).")
-    if not (isinstance(eta, int | float) and math.isfinite(eta) and eta >= 0):
+    if not (_is_number(eta) and eta >= 0):
         raise ValueError(f"Invalid eta: {eta!r}. eta is ASAM's offset in |w| + eta and must be >= 0 (try 0.01).")
-    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+    if not (_is_number(eps) and eps > 0):
         raise ValueError(
             f"Invalid perturb_eps: {eps!r}. It keeps rho / (norm + perturb_eps) finite and must be > 0 (try 1e-12)."
         )
     if not isinstance(group["adaptive"], bool):
         raise ValueError(f"Invalid adaptive: {group['adaptive']!r}. Pass True (ASAM) or False (SAM).")
+    if group["adaptive"] and any(torch.is_complex(p) for p in group["params"]):
+        raise ValueError(
+            "ASAM (adaptive=True) is not defined for complex parameters (|w| scales a real direction). "
+            "Use adaptive=False for this group, or split the complex parameters into their own group."
+        )
+
+
+@dataclass
+class _Runtime:
+    """What SAM keeps between ``first_step`` and the descent; never saved, never pickled.
+
+    One object shared by reference, because Lightning's and Fabric's optimizer wrappers
+    copy the optimizer's ``__dict__``.
+    """
+
+    perturbed: list[tuple[list[Tensor], list[Tensor], bool | None]] | None = None
+    finite: bool = True
+    buffers: dict[Tensor, Tensor] = field(default_factory=dict)
+    driven: bool = False
+    nonfinite: NonFinite = "skip"
+    skipped_steps: int = 0
+
+    def buffers_for(self, params: list[Tensor]) -> list[Tensor]:
+        """The saved-weights buffer of each parameter, allocated once and reused every step."""
+        out = []
+        for p in params:
+            buffer = self.buffers.get(p)
+            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
+                buffer = self.buffers[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buffer)
+        return out
 
 
 class SAM(Optimizer):
@@ -47,13 +88,21 @@ class SAM(Optimizer):
     ``state`` with its base optimizer, so LR schedulers, ``state_dict`` and
     ``load_state_dict`` see the base optimizer's state (momentum buffers, Adam moments)
     together with SAM's per-group ``rho``, ``adaptive``, ``eta`` and ``perturb_eps``.
-    The copy of the weights lives outside ``state`` and only between the two steps.
+    The copy of the weights lives outside ``state``, in one buffer per parameter that is
+    allocated at the first step and reused (no allocation, no page faults per step).
+
+    A gradient with a non-finite norm never moves the weights: ``first_step`` then leaves
+    them at ``w`` (this costs one host sync per step). When a
+    [`SAMStep`][lightning_sam.SAMStep] drives the optimizer (as ``SAMMixin`` does), both
+    passes have run before ``step()``: it checks that the gradient is finite and steps
+    the base optimizer, or skips the step and leaves weights and state unchanged.
 
     Args:
         params: Parameters or parameter groups; a group may set its own ``rho``,
             ``adaptive``, ``eta`` and ``perturb_eps``.
         base_optimizer: The optimizer class (not an instance) to step with, e.g.
-            ``torch.optim.SGD``; it is built on the same parameter groups.
+            ``torch.optim.SGD``; it is built on the same parameter groups. Optimizers
+            whose ``step`` needs a closure (``LBFGS``) cannot be wrapped.
         rho: Radius of the ascent step (``>= 0``; 0 gives the base optimizer exactly).
         adaptive: Use ASAM's scale-invariant perturbation.
         eta: ASAM's offset in ``|w| + eta`` (``>= 0``). ASAM's recipe is
@@ -98,23 +147,47 @@ class SAM(Optimizer):
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {base_optimizer!r}. "
                 "Pass the class itself and its arguments as keywords: SAM(params, torch.optim.SGD, lr=0.1)."
             )
+        if issubclass(base_optimizer, SAM):
+            raise ValueError("base_optimizer is itself a SAM optimizer: wrap the plain optimizer class instead.")
+        closure = inspect.signature(base_optimizer.step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"{base_optimizer.__name__}.step needs a closure (it re-evaluates the loss itself), so it cannot "
+                "take SAM's second step from a given gradient. Use a first-order optimizer such as torch.optim.SGD "
+                "or torch.optim.AdamW as the base."
+            )
         if foreach is not None:
             base_kwargs["foreach"] = foreach
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta, "perturb_eps": perturb_eps}
-        _validate_group(sam_defaults)
+        _validate_group({**sam_defaults, "params": []})
+        self._runtime = _Runtime()
         super().__init__(params, {**sam_defaults, **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
-        # What lives between first_step and second_step: the saved weights. Kept in a dict that is shared, not
-        # rebound, because Lightning's and Fabric's optimizer wrappers copy this object's __dict__.
-        self._between_steps: dict[str, list[tuple[list[Tensor], list[Tensor], bool | None]] | None] = {"saved": None}
+
+    # Pickling, deepcopy and torch.save: the base optimizer travels, the runtime state does not.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_runtime"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by torch's load_state_dict with the new state and groups only
+        if self.__dict__.get("_runtime") is None:
+            self._runtime = _Runtime()
+        if "base_optimizer" not in self.__dict__:
+            raise ValueError("This pickle holds no base optimizer: it was not made from a lightning_sam.SAM.")
+        self.base_optimizer.param_groups = self.param_groups
+        self.base_optimizer.state = self.state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to SAM and its base optimizer (they share ``param_groups``)."""
         for key in _SAM_KEYS:
             param_group.setdefault(key, self.defaults[key])
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
         _validate_group(param_group)
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
@@ -123,8 +196,16 @@ class SAM(Optimizer):
 
     @property
     def is_perturbed(self) -> bool:
-        """True between ``first_step`` and ``second_step``: the weights are at ``w + e``."""
-        return self._between_steps["saved"] is not None
+        """True between ``first_step`` and the restore: the weights may be at ``w + e``."""
+        return self._runtime.perturbed is not None
+
+    def ascent_due(self) -> bool:
+        """Whether the coming step perturbs the weights (two passes) or not (one pass).
+
+        SAM always ascends; variants that ascend on some steps only override this, and
+        [`SAMStep`][lightning_sam.SAMStep] then runs a single pass on the others.
+        """
+        return True
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -139,17 +220,18 @@ class SAM(Optimizer):
     def first_step(self, zero_grad: bool = False) -> Tensor:
         """Save the weights and move them to ``w + e`` along the current gradients.
 
-        Parameters without a gradient are left where they are.
+        Parameters without a gradient are left where they are. If the norm of the
+        gradient is not finite (an overflow, a NaN loss), no weight moves.
 
         Args:
             zero_grad: Clear the gradients afterwards, ready for the second backward.
 
         Returns:
-            The global norm ``‖T g‖`` that scaled the perturbation (a 0-dim tensor; not
-            read on the host).
+            The global norm ``‖T g‖`` that scaled the perturbation (a 0-dim tensor).
 
         Raises:
             RuntimeError: The weights are already perturbed (``second_step`` was not called).
+            ValueError: A gradient is sparse.
         """
         if self.is_perturbed:
             raise RuntimeError(
@@ -158,13 +240,24 @@ class SAM(Optimizer):
             )
         groups = self._groups_with_grads()
         norm = _global_norm(groups)
+        runtime = self._runtime
+        runtime.finite = bool(torch.isfinite(norm))  # the one host sync: never move w by a non-finite e
         perturbed = []
-        for group, params, grads in groups:
-            scale = group["rho"] / (norm + group["perturb_eps"])
-            foreach = group.get("foreach")
-            backup = perturb_(params, grads, scale, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
-            perturbed.append((params, backup, foreach))
-        self._between_steps["saved"] = perturbed
+        if runtime.finite:
+            for group, params, grads in groups:
+                scale = group["rho"] / (norm + group["perturb_eps"])
+                foreach = group.get("foreach")
+                backup = perturb_(
+                    params,
+                    grads,
+                    scale,
+                    adaptive=group["adaptive"],
+                    eta=group["eta"],
+                    foreach=foreach,
+                    out=runtime.buffers_for(params),
+                )
+                perturbed.append((params, backup, foreach))
+        runtime.perturbed = perturbed
         if zero_grad:
             self.zero_grad()
         return norm
@@ -175,9 +268,9 @@ class SAM(Optimizer):
 
         Use it to abandon a step, e.g. when the second pass produced a non-finite loss.
         """
-        for params, backup, foreach in self._between_steps["saved"] or ():
+        for params, backup, foreach in self._runtime.perturbed or ():
             restore_(params, backup, foreach=foreach)
-        self._between_steps["saved"] = None
+        self._runtime.perturbed = None
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -195,11 +288,32 @@ class SAM(Optimizer):
                 "Call first_step() after the first backward pass, or use step(closure)."
             )
         self.restore()
+        self._base_step()
+        if zero_grad:
+            self.zero_grad()
+
+    def _base_step(self) -> None:
         self.base_optimizer.step()
         # Tell torch's LR schedulers that the optimizer stepped (they watch ``step`` only).
         self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
+
+    @torch.no_grad()
+    def _descend(self) -> bool:
+        """A driven step's end: the weights are at ``w``, ``.grad`` holds the SAM gradient."""
+        self.restore()  # a no-op unless a pass was abandoned with the weights still perturbed
+        runtime = self._runtime
+        if runtime.nonfinite != "unchecked" and not bool(torch.isfinite(self.grad_norm())):
+            runtime.skipped_steps += 1
+            message = (
+                "SAM: the gradient is not finite (a NaN/inf loss or gradient in one of the passes); the step was "
+                "skipped and the weights and optimizer state are unchanged."
+            )
+            if runtime.nonfinite == "raise":
+                raise FloatingPointError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return False
+        self._base_step()
+        return True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -213,6 +327,11 @@ class SAM(Optimizer):
         works with them unchanged (the scaler skips the call on inf/nan gradients; then
         call [`restore`][lightning_sam.SAM.restore]).
 
+        When a [`SAMStep`][lightning_sam.SAMStep] drives this optimizer, the closure (if
+        any) runs both passes through it, and the step only descends: it skips a
+        non-finite gradient (see ``SAMStep``'s ``nonfinite``) and otherwise steps the base
+        optimizer.
+
         Args:
             closure: Clears the gradients, computes the loss at the (perturbed) weights,
                 calls ``backward`` and returns the loss.
@@ -223,6 +342,13 @@ class SAM(Optimizer):
         Raises:
             ValueError: No closure, and ``first_step`` was not called.
         """
+        if self._runtime.driven:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._descend()
+            return loss
         if closure is None:
             if not self.is_perturbed:
                 raise ValueError(
@@ -243,12 +369,30 @@ class SAM(Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict and keep sharing ``param_groups`` and ``state`` with the base optimizer."""
+        """Load a state dict and keep sharing ``param_groups`` and ``state`` with the base optimizer.
+
+        Also takes the state dict of the plain base optimizer (SAM's settings then stay
+        as constructed) and those of davda54/sam and pytorch_optimizer's ``SAM`` (their
+        leftover weight copies are dropped). The loaded settings are validated.
+        """
         if self.is_perturbed:
             raise RuntimeError("Cannot load a state dict between first_step() and second_step(): call second_step().")
-        super().load_state_dict(state_dict)
-        self.base_optimizer.param_groups = self.param_groups
-        self.base_optimizer.state = self.state
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"The state dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no'} parameter "
+                f"groups, this SAM has {len(self.param_groups)}: build the optimizer with the same groups."
+            )
+        groups = []
+        for saved, current in zip(saved_groups, self.param_groups, strict=True):
+            merged = {**{k: current[k] for k in _SAM_KEYS}, **saved}
+            _validate_group({**merged, "params": current["params"]})
+            groups.append(merged)
+        state = {
+            key: {k: v for k, v in value.items() if k not in _DAVDA54_STATE} if isinstance(value, dict) else value
+            for key, value in state_dict.get("state", {}).items()
+        }
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
 
 
 def _global_norm(groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> Tensor:
@@ -266,4 +410,10 @@ def _global_norm(groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
 def _params_and_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
     """The group's parameters that have a gradient, and those gradients."""
     params = [p for p in group["params"] if p.grad is not None]
-    return params, [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(g.is_sparse for g in grads):
+        raise ValueError(
+            "SAM got a sparse gradient (e.g. from nn.Embedding(sparse=True)); its norm and perturbation need dense "
+            "gradients. Build the layer with sparse=False."
+        )
+    return params, grads

@@ -1,27 +1,31 @@
-"""Run by tests/test_ddp.py as `python tests/ddp_worker.py MODE OUT_DIR`: a 2-process CPU DDP fit of SAMNet.
+"""Run by tests/test_ddp.py as `python tests/ddp_worker.py OUT_DIR MODE [MODE ...]`: 2-process CPU DDP fits.
 
-Each rank saves its parameters after every batch to OUT_DIR/rank{R}.pt.
+Each mode is one fit of a fresh module in the same process group; each rank saves what the
+test needs to OUT_DIR/MODE/rank{R}.pt.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from helpers import SAMNet, dataset, flat_params, trainer
+from helpers import Net, SAMNet, dataset, flat_params, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_sam import SharpnessMonitor
+from lightning_sam import SAM, SAMStep, SharpnessMonitor
 from lightning_sam.callbacks import MEASURES
 
-MODES: dict[str, dict[str, Any]] = {
-    "per_device": {"sam_sync_ascent": False, "sam_accumulate_grad_batches": 1},
-    "synced": {"sam_sync_ascent": True, "sam_accumulate_grad_batches": 1},
-    "per_device_accumulate_2": {"sam_sync_ascent": False, "sam_accumulate_grad_batches": 2},
+# mode -> (sam_sync_ascent, accumulate_grad_batches)
+SAM_MODES: dict[str, tuple[bool, int]] = {
+    "per_device": (False, 1),
+    "synced": (True, 1),
+    "per_device_accumulate_2": (False, 2),
+    "synced_accumulate_2": (True, 2),
 }
 
 
@@ -31,6 +35,29 @@ class WithUnusedParameter(SAMNet):
     def __init__(self) -> None:
         super().__init__()
         self.unused = torch.nn.Linear(2, 2)
+
+
+class FirstPassOnlyParameter(SAMNet):
+    """A parameter that only the first pass uses: it steers the ascent, and gets no gradient to step with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Parameter(torch.tensor(1.0))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        logits = self(x) if self.sam_second_pass else self(x) * self.gate
+        return torch.nn.functional.cross_entropy(logits, y)
+
+
+class NaNOnRankOne(SAMNet):
+    """Rank 1's first-pass loss is NaN at batch 2: every rank must skip that step, bitwise."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 2 and self.global_rank == 1 and not self.sam_second_pass:
+            loss = loss * math.nan
+        return loss
 
 
 class RecordingMonitor(SharpnessMonitor):
@@ -50,9 +77,12 @@ class RecordingMonitor(SharpnessMonitor):
 class SaveParams(Callback):
     def __init__(self) -> None:
         self.trajectory: list[torch.Tensor] = []
+        self.optimizer_states: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.trajectory.append(flat_params(pl_module).clone())
+        state = trainer.optimizers[0].state_dict()["state"]
+        self.optimizer_states.append({k: v["momentum_buffer"].clone() for k, v in state.items()})
 
 
 class RankData(pl.LightningDataModule):
@@ -63,9 +93,9 @@ class RankData(pl.LightningDataModule):
         return torch.utils.data.DataLoader(subset, batch_size=8, shuffle=False)
 
 
-def main(mode: str, out_dir: Path) -> None:
+def run(mode: str, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = SAMNet()
     if mode == "monitor":
         monitor = RecordingMonitor()
         fit = trainer(
@@ -76,21 +106,68 @@ def main(mode: str, out_dir: Path) -> None:
             logger=CSVLogger(out_dir, name="csv"),
             log_every_n_steps=1,
         )
-        fit.fit(model, datamodule=RankData())
+        fit.fit(SAMNet(), datamodule=RankData())
         result = {"local": monitor.local, "reduced": monitor.reduced, "last_values": monitor.last_values}
         torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
         return
-    strategy = "ddp"
-    if mode == "unused_parameters":
-        torch.manual_seed(0)
-        model, strategy = WithUnusedParameter(), "ddp_find_unused_parameters_true"
-    for name, value in MODES.get(mode, MODES["per_device"]).items():
-        setattr(model, name, value)
+    modules: dict[str, tuple[type[pl.LightningModule], str]] = {
+        "unused_parameters": (WithUnusedParameter, "ddp_find_unused_parameters_true"),
+        "first_pass_only_parameter": (FirstPassOnlyParameter, "ddp_find_unused_parameters_true"),
+        "nan_on_rank_one": (NaNOnRankOne, "ddp"),
+        "automatic": (Net, "ddp"),
+        "rho_zero": (SAMNet, "ddp"),
+    }
+    module_cls, strategy = modules.get(mode, (SAMNet, "ddp"))
+    model = module_cls(rho=0.0) if mode == "rho_zero" else module_cls()
+    sync_ascent, accumulate = SAM_MODES.get(mode, (False, 1))
+    if isinstance(model, SAMNet):
+        model.sam_sync_ascent = sync_ascent
     saver = SaveParams()
-    fit = trainer(strategy=strategy, devices=2, callbacks=[saver], use_distributed_sampler=False)
+    fit = trainer(
+        strategy=strategy,
+        devices=2,
+        callbacks=[saver],
+        use_distributed_sampler=False,
+        accumulate_grad_batches=accumulate,
+    )
     fit.fit(model, datamodule=RankData())
-    torch.save({"trajectory": saver.trajectory, "global_step": fit.global_step}, out_dir / f"rank{fit.global_rank}.pt")
+    torch.save(
+        {"trajectory": saver.trajectory, "momentum": saver.optimizer_states, "global_step": fit.global_step},
+        out_dir / f"rank{fit.global_rank}.pt",
+    )
+
+
+def plain_loop(out_dir: Path) -> None:
+    """No Lightning: torch's DDP, `SAM` and `SAMStep` in a hand-written loop (in the process group the fits made)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(0)
+    model = Net()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    step = SAMStep(opt, ddp)
+    subset = torch.utils.data.Subset(dataset(), range(rank, 64, world))
+    trajectory = []
+    for x, y in torch.utils.data.DataLoader(subset, batch_size=8, shuffle=False):
+        step.run(lambda x=x, y=y: torch.nn.functional.cross_entropy(ddp(x), y))
+        opt.step()
+        opt.zero_grad()
+        trajectory.append(flat_params(model).clone())
+    torch.save({"trajectory": trajectory}, out_dir / f"rank{rank}.pt")
+
+
+def main(out_dir: Path, modes: list[str]) -> None:
+    for mode in modes:
+        if mode == "plain_loop":
+            plain_loop(out_dir / mode)
+        else:
+            run(mode, out_dir / mode)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left to abort the process
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    main(Path(sys.argv[1]), sys.argv[2:])

@@ -97,3 +97,26 @@ def trainer(**kwargs: Any) -> pl.Trainer:
 
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+class ResumableLoader:
+    """A sized loader with ``state_dict``: Lightning resumes it mid-epoch exactly where the checkpoint was saved."""
+
+    def __init__(self, n: int = 64, batch_size: int = 8) -> None:
+        self.batches = batches(n, batch_size)
+        self.start = self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        start, self.start = self.start, 0
+        for index in range(start, len(self.batches)):
+            self.position = index + 1  # what a checkpoint taken after this batch resumes from
+            yield self.batches[index]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = state["position"]

@@ -6,30 +6,48 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from ddp_worker import MODES
+from ddp_worker import SAM_MODES
 from helpers import Net, dataset, flat_params
 from torch import nn
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 RHO, WORLD = 0.05, 2
+ALL_MODES = [
+    *SAM_MODES,
+    "unused_parameters",
+    "first_pass_only_parameter",
+    "nan_on_rank_one",
+    "automatic",
+    "rho_zero",
+    "monitor",
+    "plain_loop",  # last: it runs in the process group that the fits made
+]
 
 
-def run_ddp(mode: str, out_dir: Path) -> list[dict[str, object]]:
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every mode, one after the other in one 2-process group (one start-up for all of them)."""
+    out_dir = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), mode, str(out_dir)],
+        [sys.executable, str(HERE / "ddp_worker.py"), str(out_dir), *ALL_MODES],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    assert done.returncode == 0, done.stderr[-5000:]
+    return out_dir
+
+
+def ranks_of(ddp_runs: Path, mode: str) -> list[dict[str, Any]]:
+    return [torch.load(ddp_runs / mode / f"rank{r}.pt") for r in range(WORLD)]
 
 
 def rank_batches(rank: int, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,12 +104,12 @@ def reference(sync_ascent: bool, accumulate: int) -> list[torch.Tensor]:
     return trajectory  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_ddp_matches_the_single_process_reference(mode: str, tmp_path: Path) -> None:
-    ranks = run_ddp(mode, tmp_path)
-    settings = MODES[mode]
-    expected = reference(settings["sam_sync_ascent"], settings["sam_accumulate_grad_batches"])
-    assert ranks[0]["global_step"] == 4 // settings["sam_accumulate_grad_batches"]
+@pytest.mark.parametrize("mode", sorted(SAM_MODES))
+def test_ddp_matches_the_single_process_reference(mode: str, ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, mode)
+    sync_ascent, accumulate = SAM_MODES[mode]
+    expected = reference(sync_ascent, accumulate)
+    assert ranks[0]["global_step"] == 4 // accumulate
     trajectories = [r["trajectory"] for r in ranks]
     assert len(trajectories[0]) == len(expected) == 4
     for step, (p0, p1, ref) in enumerate(zip(*trajectories, expected, strict=True)):
@@ -99,8 +117,8 @@ def test_ddp_matches_the_single_process_reference(mode: str, tmp_path: Path) -> 
         torch.testing.assert_close(p0, ref, rtol=0, atol=1e-5, msg=f"after batch {step}")
 
 
-def test_unused_parameters_keep_the_reducer_correct(tmp_path: Path) -> None:
-    ranks = run_ddp("unused_parameters", tmp_path)
+def test_unused_parameters_keep_the_reducer_correct(ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, "unused_parameters")
     expected = reference(sync_ascent=False, accumulate=1)
     n = expected[0].numel()
     for p0, p1, ref in zip(ranks[0]["trajectory"], ranks[1]["trajectory"], expected, strict=True):
@@ -110,14 +128,77 @@ def test_unused_parameters_keep_the_reducer_correct(tmp_path: Path) -> None:
     assert ranks[0]["global_step"] == 4
 
 
+def test_a_parameter_only_the_first_pass_uses_steers_the_ascent_and_is_not_stepped(ddp_runs: Path) -> None:
+    """find_unused_parameters=True, and a gate used at w only: the first pass must not leave DDP expecting it."""
+    ranks = ranks_of(ddp_runs, "first_pass_only_parameter")
+    torch.manual_seed(0)
+    model = Net()
+    gate = nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = [*model.parameters(), gate]
+    expected = []
+    for micro in range(4):
+        total = [torch.zeros_like(p) for p in model.parameters()]
+        for r in range(WORLD):
+            x, y = rank_batches(r)[micro]
+            g1 = torch.autograd.grad(nn.functional.cross_entropy(model(x) * gate, y), params)
+            norm = torch.sqrt(sum((g**2).sum() for g in g1))
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, g in zip(params, g1, strict=True):
+                    p.add_(RHO * g / (norm + 1e-12))
+            g2 = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+            with torch.no_grad():
+                for p, w in zip(params, saved, strict=True):
+                    p.copy_(w)
+            total = [t + g / WORLD for t, g in zip(total, g2, strict=True)]
+        for p, t in zip(model.parameters(), total, strict=True):
+            p.grad = t
+        opt.step()
+        expected.append(torch.cat([gate.detach().reshape(1), flat_params(model)]))  # own parameters first
+    for step, (p0, p1, ref) in enumerate(zip(ranks[0]["trajectory"], ranks[1]["trajectory"], expected, strict=True)):
+        assert torch.equal(p0, p1), f"ranks differ after batch {step}"
+        torch.testing.assert_close(p0, ref, rtol=0, atol=1e-5, msg=f"after batch {step}")
+    assert ranks[0]["trajectory"][-1][0] == 1.0, "the gate gets no gradient at w + e and never moves"
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank_bitwise(ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, "nan_on_rank_one")
+    for rank in ranks:
+        assert torch.equal(rank["trajectory"][2], rank["trajectory"][1]), "weights unchanged by the skipped step"
+        for k, momentum in rank["momentum"][2].items():
+            assert torch.equal(momentum, rank["momentum"][1][k]), "optimizer state unchanged too"
+        assert not torch.equal(rank["trajectory"][3], rank["trajectory"][2]), "training goes on"
+        assert all(torch.isfinite(p).all() for p in rank["trajectory"])
+    for p0, p1 in zip(ranks[0]["trajectory"], ranks[1]["trajectory"], strict=True):
+        assert torch.equal(p0, p1)
+
+
+def test_rho_zero_is_the_automatic_ddp_fit_bitwise(ddp_runs: Path) -> None:
+    """SAM with rho=0 takes the base optimizer's steps: under DDP, exactly Lightning's own automatic fit."""
+    sam, plain = ranks_of(ddp_runs, "rho_zero"), ranks_of(ddp_runs, "automatic")
+    for rank_sam, rank_plain in zip(sam, plain, strict=True):
+        assert rank_sam["global_step"] == rank_plain["global_step"] == 4
+        for a, b in zip(rank_sam["trajectory"], rank_plain["trajectory"], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_sam_step_in_a_plain_ddp_loop_ascends_per_device(ddp_runs: Path) -> None:
+    """No Lightning and no no_sync: the first pass's gradient stays local by construction."""
+    ranks = ranks_of(ddp_runs, "plain_loop")
+    for step, (p0, p1, ref) in enumerate(zip(*(r["trajectory"] for r in ranks), reference(False, 1), strict=True)):
+        assert torch.equal(p0, p1), f"ranks differ after batch {step}"
+        torch.testing.assert_close(p0, ref, rtol=0, atol=1e-5, msg=f"after batch {step}")
+
+
 def test_per_device_and_synced_ascent_differ() -> None:
     """The two references are not the same update, so each test above checks its own mode."""
     a, b = reference(False, 1)[-1], reference(True, 1)[-1]
     assert not torch.allclose(a, b, rtol=0, atol=1e-5)
 
 
-def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(tmp_path: Path) -> None:
-    ranks = run_ddp("monitor", tmp_path)
+def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, "monitor")
     assert len(ranks[0]["local"]) == len(ranks[1]["local"]) == 4, "4 steps, each logged"
     for local0, local1, reduced0, reduced1 in zip(
         ranks[0]["local"], ranks[1]["local"], ranks[0]["reduced"], ranks[1]["reduced"], strict=True
@@ -128,7 +209,7 @@ def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(tmp_path: 
     assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)), (
         "each rank measures on its own batch"
     )
-    logged = list((tmp_path / "csv").glob("version_*/metrics.csv"))
+    logged = list((ddp_runs / "monitor" / "csv").glob("version_*/metrics.csv"))
     assert len(logged) == 1, "one logger, on rank zero"
     header = logged[0].read_text().splitlines()[0]
     assert all(f"sharpness/{m}" in header for m in ("first_order", "hessian_max_eig", "adaptive_worst"))

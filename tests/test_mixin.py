@@ -19,7 +19,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_sam import SAM, SAMMixin
+from lightning_sam import SAM, SAMMixin, SAMStep
 
 
 def seeded(cls: type[pl.LightningModule], **kwargs: Any) -> Any:
@@ -319,18 +319,60 @@ def test_plain_16_mixed_on_cpu_is_not_what_we_test() -> None:
 def test_fp32_non_finite_loss_skips_with_a_warning(bad_pass: str) -> None:
     model, snaps = Poisoned(bad_batch=2, bad_pass=bad_pass), Snapshots()
     fit = trainer(callbacks=[snaps])
-    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient.*skipped"):
+    with pytest.warns(RuntimeWarning, match="gradient is not finite.*skipped"):
         fit.fit(model, loader())
     assert_same_state(snaps.before[2], snaps.after[2])
-    assert fit.global_step == 7
+    assert fit.global_step == 8, "a skipped step counts, as Lightning counts a GradScaler's skipped step"
 
 
 def test_fp32_non_finite_loss_raises_when_configured() -> None:
     model = Poisoned(bad_batch=2, bad_pass="first")
     model.sam_nonfinite = "raise"
-    with pytest.raises(FloatingPointError, match="sam_nonfinite='raise'"):
+    with pytest.raises(FloatingPointError, match="gradient is not finite"):
         trainer().fit(model, loader())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class NaNGradientFiniteLoss(SAMNet):
+    """At w + e of batch 2 the loss is finite but its gradient is not (sqrt at 0)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 2 and self.sam_second_pass:
+            loss = loss + torch.sqrt(self.net[0].weight.sum() * 0.0)
+        return loss
+
+
+def test_fp32_finite_loss_with_a_non_finite_gradient_is_skipped_not_stepped() -> None:
+    model, snaps = seeded(NaNGradientFiniteLoss), Snapshots()
+    with pytest.warns(RuntimeWarning, match="gradient is not finite"):
+        trainer(callbacks=[snaps]).fit(model, loader())
+    assert_same_state(snaps.before[2], snaps.after[2])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class WatchSecondPassWeights(SAMNet):
+    """Records whether the weights were finite whenever the second pass ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second_pass_finite: list[bool] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.sam_second_pass:
+            self.second_pass_finite.append(all(bool(torch.isfinite(p).all()) for p in self.parameters()))
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 3 and not self.sam_second_pass:
+            loss = loss * 1e30  # the fp16 scaler's scale times this overflows: an inf norm in the first pass
+        return loss
+
+
+def test_fp16_inf_first_pass_never_writes_nan_into_the_weights() -> None:
+    model, snaps = seeded(WatchSecondPassWeights), Snapshots()
+    trainer(plugins=[fp16_plugin()], callbacks=[snaps]).fit(model, loader())
+    assert model.second_pass_finite == [True] * 8, "the weights were finite in every second pass"
+    assert_same_state(snaps.before[3], snaps.after[3])
+    assert snaps.after[3][2] == snaps.before[3][2] * 0.5, "the GradScaler backs off"
 
 
 # 7. Gradient accumulation ----------------------------------------------------------------------------------------
@@ -339,8 +381,7 @@ def test_fp32_non_finite_loss_raises_when_configured() -> None:
 @pytest.mark.parametrize(("n", "expected_steps"), [(64, 4), (48, 3), (56, 4)])
 def test_accumulation_perturbs_each_micro_batch_and_steps_once_per_k(n: int, expected_steps: int) -> None:
     model = seeded(SAMNet)
-    model.sam_accumulate_grad_batches = 2
-    fit = trainer()
+    fit = trainer(accumulate_grad_batches=2)
     fit.fit(model, loader(n))
     assert fit.global_step == expected_steps  # the incomplete last group (n=56: 7 batches) steps at the epoch end
     torch.testing.assert_close(flat_params(model), flat_params(reference_sam(accumulate=2, n=n)), rtol=0, atol=1e-5)
@@ -352,8 +393,7 @@ def test_accumulation_perturbs_each_micro_batch_and_steps_once_per_k(n: int, exp
 @pytest.mark.parametrize(("algorithm", "value"), [("norm", 0.1), ("value", 0.01)])
 def test_clipping_of_the_final_unscaled_gradient(algorithm: str, value: float) -> None:
     model = seeded(SAMNet)
-    model.sam_gradient_clip_val, model.sam_gradient_clip_algorithm = value, algorithm
-    trainer().fit(model, loader())
+    trainer(gradient_clip_val=value, gradient_clip_algorithm=algorithm).fit(model, loader())
     expected = reference_sam(clip=(algorithm, value))
     torch.testing.assert_close(flat_params(model), flat_params(expected), rtol=0, atol=1e-5)
     assert not torch.allclose(flat_params(model), flat_params(reference_sam()), rtol=0, atol=1e-4), "clipping bit"
@@ -363,147 +403,35 @@ def test_clipping_under_fp16_sees_unscaled_gradients() -> None:
     norms: list[float] = []
 
     class Spy(SAMNet):
-        def configure_gradient_clipping(self, optimizer: Any, clip_val: Any = None, algorithm: Any = None) -> None:
+        def configure_gradient_clipping(
+            self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+        ) -> None:
             norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in self.parameters()])))
-            super().configure_gradient_clipping(optimizer, clip_val, algorithm)
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     model = seeded(Spy)
-    model.sam_gradient_clip_val = 0.1
-    trainer(plugins=[fp16_plugin()], max_steps=3).fit(model, loader())
+    trainer(plugins=[fp16_plugin()], max_steps=3, gradient_clip_val=0.1).fit(model, loader())
     assert len(norms) == 3
     assert all(0 < n < 10 for n in norms), f"unscaled gradient norms are O(1), got {norms}"
 
 
-@pytest.mark.parametrize(
-    ("trainer_kwargs", "names"),
-    [({"gradient_clip_val": 1.0}, "sam_gradient_clip_val"), ({"accumulate_grad_batches": 2}, "sam_accumulate")],
-)
-def test_trainer_options_refused_under_manual_optimization_name_the_mixin_setting(
-    trainer_kwargs: dict[str, Any], names: str
-) -> None:
-    with pytest.raises(MisconfigurationException, match=names):
-        trainer(**trainer_kwargs).fit(seeded(SAMNet), loader())
+def test_accumulation_and_clipping_together_match_the_reference() -> None:
+    model = seeded(SAMNet)
+    trainer(accumulate_grad_batches=2, gradient_clip_val=0.1).fit(model, loader())
+    expected = reference_sam(accumulate=2, clip=("norm", 0.1))
+    torch.testing.assert_close(flat_params(model), flat_params(expected), rtol=0, atol=1e-5)
 
 
-# 9. LR schedulers ---------------------------------------------------------------------------------------------------
-
-
-class LrPerBatch(Callback):
-    def __init__(self) -> None:
-        self.lrs: list[float] = []
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-
-def constant_metric_net(base: type[Net]) -> type[Net]:
-    class WithValidation(base):  # type: ignore[valid-type,misc]
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.log("val_metric", 1.0)  # never improves: the plateau scheduler fires on a known schedule
-
-    return WithValidation
-
-
-SCHEDULERS = {
-    "step_lr_epoch": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
-    "lambda_step_every_2": lambda opt: {
-        "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s),
-        "interval": "step",
-        "frequency": 2,
-    },
-    "plateau_epoch": lambda opt: {
-        "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5),
-        "monitor": "val_metric",
-    },
-    "plateau_step_every_4": lambda opt: {
-        "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5),
-        "monitor": "val_metric",
-        "interval": "step",
-        "frequency": 4,  # validation runs every 4 batches: the metric exists when the scheduler looks
-    },
-}
-
-
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_lr_trajectory_equals_automatic_optimization(name: str) -> None:
-    trajectories = []
-    for base in (Net, SAMNet):
-        lrs = LrPerBatch()
-        model = seeded(constant_metric_net(base), scheduler=SCHEDULERS[name])
-        trainer(max_epochs=3, callbacks=[lrs], val_check_interval=0.5).fit(model, loader(), loader(16))
-        trajectories.append(lrs.lrs)
-    assert len(trajectories[0]) == 24
-    assert len(set(trajectories[0])) > 1, "the schedule changed the lr"
-    assert trajectories[1] == trajectories[0]
-
-
-# 10. Exact resume ---------------------------------------------------------------------------------------------------
-
-
-def full_state(fit: pl.Trainer, model: pl.LightningModule) -> dict[str, Any]:
-    scaler = getattr(fit.precision_plugin, "scaler", None)
-    return {
-        "params": flat_params(model).clone(),
-        "optimizer": copy.deepcopy(fit.optimizers[0].state_dict()),
-        "scheduler": copy.deepcopy(fit.lr_scheduler_configs[0].scheduler.state_dict()),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-    }
-
-
-def assert_states_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert torch.equal(a["params"], b["params"])
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert a["scheduler"] == b["scheduler"]
-    assert a["scaler"] == b["scaler"]
+@pytest.mark.parametrize("setting", ["sam_accumulate_grad_batches", "sam_gradient_clip_val"])
+def test_the_removed_settings_point_to_the_trainer_flags(setting: str) -> None:
+    model = SAMNet()
+    setattr(model, setting, 2)
+    with pytest.raises(MisconfigurationException, match=f"`{setting}` is gone.*Trainer"):
+        trainer().fit(model, loader())
 
 
 def step_lr(opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-
-
-@pytest.mark.parametrize("fp16", [False, True])
-def test_resume_at_epoch_end_is_bitwise_exact(fp16: bool, tmp_path: Path) -> None:
-    def trainer_with(max_epochs: int) -> pl.Trainer:
-        return trainer(max_epochs=max_epochs, plugins=[fp16_plugin()] if fp16 else [])
-
-    uninterrupted = seeded(SAMNet, scheduler=step_lr)
-    fit = trainer_with(2)
-    fit.fit(uninterrupted, loader())
-    expected = full_state(fit, uninterrupted)
-
-    first = seeded(SAMNet, scheduler=step_lr)
-    fit = trainer_with(1)
-    fit.fit(first, loader())
-    fit.save_checkpoint(tmp_path / "epoch1.ckpt")
-
-    resumed = seeded(SAMNet, scheduler=step_lr)
-    with torch.no_grad():
-        for p in resumed.parameters():
-            p.add_(1.0)  # the checkpoint must overwrite everything
-    fit = trainer_with(2)
-    fit.fit(resumed, loader(), ckpt_path=tmp_path / "epoch1.ckpt")
-    assert_states_equal(full_state(fit, resumed), expected)
-
-
-@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
-@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization and every_n_train_steps")
-@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
-def test_mid_epoch_resume_is_as_exact_as_automatic_optimization(tmp_path: Path) -> None:
-    exact = {}
-    for base in (Net, SAMNet):
-        uninterrupted = seeded(base, scheduler=step_lr)
-        fit = trainer(max_epochs=2)
-        fit.fit(uninterrupted, loader())
-        ckpt = ModelCheckpoint(dirpath=tmp_path / base.__name__, every_n_train_steps=3, save_top_k=-1)
-        interrupted = seeded(base, scheduler=step_lr)
-        trainer(max_steps=3, callbacks=[ckpt], enable_checkpointing=True).fit(interrupted, loader())
-        resumed = seeded(base, scheduler=step_lr)
-        fit = trainer(max_epochs=2)
-        fit.fit(resumed, loader(), ckpt_path=next((tmp_path / base.__name__).glob("*.ckpt")))
-        exact[base.__name__] = torch.equal(flat_params(resumed), flat_params(uninterrupted))
-    assert exact["SAMNet"] == exact["Net"], exact
 
 
 # 11. Bad input ------------------------------------------------------------------------------------------------------
@@ -523,9 +451,10 @@ class PlainOptimizer(SAMNet):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class NoLoss(SAMNet):
+class NoLossInTheSecondPass(SAMNet):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        super().training_step(batch, batch_idx)
+        loss = super().training_step(batch, batch_idx)
+        return None if self.sam_second_pass else loss
 
 
 @pytest.mark.parametrize(
@@ -533,7 +462,7 @@ class NoLoss(SAMNet):
     [
         (TwoOptimizers(), MisconfigurationException, "exactly one optimizer.*returned 2"),
         (PlainOptimizer(), MisconfigurationException, "lightning_sam.SAM, got SGD"),
-        (NoLoss(), MisconfigurationException, "must return the loss"),
+        (NoLossInTheSecondPass(), MisconfigurationException, "must return the loss"),
         (SAMNet(rho=-1.0), ValueError, "Invalid rho"),
     ],
 )
@@ -544,12 +473,7 @@ def test_bad_configurations_raise_clear_errors(model: pl.LightningModule, error:
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [
-        ("sam_accumulate_grad_batches", 0),
-        ("sam_gradient_clip_val", -1.0),
-        ("sam_gradient_clip_algorithm", "l2"),
-        ("sam_nonfinite", "ignore"),
-    ],
+    [("sam_nonfinite", "ignore"), ("sam_sync_ascent", "yes"), ("sam_same_randomness", 1)],
 )
 def test_bad_settings_raise_before_training(setting: str, value: Any) -> None:
     model = SAMNet()
@@ -558,11 +482,60 @@ def test_bad_settings_raise_before_training(setting: str, value: Any) -> None:
         trainer().fit(model, loader())
 
 
-def test_automatic_optimization_cannot_be_turned_back_on() -> None:
-    model = SAMNet()
-    assert model.automatic_optimization is False
-    with pytest.raises(MisconfigurationException, match="manual optimization"):
-        model.automatic_optimization = True
+class PlainReturnsNoneOnBatchTwo(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if batch_idx == 2 else super().training_step(batch, batch_idx)
+
+
+class ReturnsNoneOnBatchTwo(SAMMixin, PlainReturnsNoneOnBatchTwo):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return SAMNet.make_optimizer(self)  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
+def test_training_step_returning_none_skips_the_batch_as_lightning_does() -> None:
+    finals = []
+    for rho in (0.0, 0.05):
+        model = seeded(ReturnsNoneOnBatchTwo, rho=rho)
+        trainer().fit(model, loader())
+        finals.append(flat_params(model))
+    plain = seeded(PlainReturnsNoneOnBatchTwo)
+    trainer().fit(plain, loader())
+    assert torch.equal(finals[0], flat_params(plain))
+    assert not torch.equal(finals[1], flat_params(plain))
+
+
+class ManualSAM(pl.LightningModule):
+    """Manual optimization: no SAMMixin, SAMStep in the module's own training_step (the refusal's recipe)."""
+
+    def __init__(self, mixin: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.net = Net().net
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        step = SAMStep(opt.optimizer, self, backward=self.manual_backward)
+        step.run(lambda: nn.functional.cross_entropy(self.net(x), y))
+        opt.step()
+        opt.zero_grad()
+
+    def configure_optimizers(self) -> Any:
+        return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+
+class ManualWithMixin(SAMMixin, ManualSAM):
+    pass
+
+
+def test_manual_optimization_uses_sam_step_and_the_mixin_refuses_it_with_that_recipe() -> None:
+    model = ManualSAM()
+    trainer().fit(model, loader())
+    torch.testing.assert_close(flat_params(model), flat_params(reference_sam()), rtol=0, atol=1e-5)
+    with pytest.raises(MisconfigurationException, match=r"automatic_optimization = False.*SAMStep\(opt, self"):
+        trainer().fit(ManualWithMixin(), loader())
 
 
 # 12. Interop ------------------------------------------------------------------------------------------------------
@@ -638,11 +611,11 @@ def test_an_error_in_the_second_pass_leaves_the_weights_at_w() -> None:
     assert not model.trainer.optimizers[0].is_perturbed
 
 
-def test_sam_stats_grad_norm_is_of_the_loss_with_accumulation() -> None:
+@pytest.mark.parametrize("precision", [{}, {"plugins": [fp16_plugin()]}])
+def test_sam_stats_grad_norm_is_of_the_loss_with_accumulation(precision: dict[str, Any]) -> None:
     norms = {}
     for k in (1, 2):
         model, record = seeded(SAMNet), RecordAfterBatch()
-        model.sam_accumulate_grad_batches = k
-        trainer(max_steps=1, callbacks=[record]).fit(model, loader())
+        trainer(max_steps=1, callbacks=[record], accumulate_grad_batches=k, **precision).fit(model, loader())
         norms[k] = record.rows[0]["stats"]["grad_norm"]
     torch.testing.assert_close(norms[2], norms[1])  # the same first batch, the same weights

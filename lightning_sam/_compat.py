@@ -1,0 +1,94 @@
+"""Every private (``_``-prefixed) name of another package that lightning_sam uses, in one place.
+
+Each is checked against the versions named beside it (the declared floors and the newest
+release at the time; CI runs the test suite on both ends). When one of them moves, this is
+the only module to change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torchmetrics import Metric
+
+__all__ = [
+    "batchnorm_types",
+    "default_foreach",
+    "group_by_device_and_dtype",
+    "lightning_logging_step",
+    "lightning_logs_this_batch",
+    "metric_bookkeeping",
+    "optimizers_in",
+]
+
+
+def default_foreach(tensors: list[Tensor]) -> bool:
+    """Torch's own choice of the ``_foreach_*`` path for these tensors (foreach on CUDA, not on the CPU).
+
+    ``torch.optim.optimizer._default_to_fused_or_foreach``: torch 2.3 - 2.13.
+    """
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    return bool(_default_to_fused_or_foreach(tensors, differentiable=False, use_fused=False)[1])
+
+
+def group_by_device_and_dtype(
+    tensorlists: list[list[Tensor]],
+) -> list[tuple[list[list[Tensor]], list[int]]]:
+    """Aligned tensor lists grouped by the (device, dtype) of the first, with each group's original indices.
+
+    ``torch.utils._foreach_utils._group_tensors_by_device_and_dtype``: torch 2.3 - 2.13.
+    """
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+    grouped = _group_tensors_by_device_and_dtype(tensorlists, with_indices=True)  # type: ignore[arg-type]
+    return [(lists, indices) for lists, indices in grouped.values()]  # type: ignore[misc]
+
+
+def batchnorm_types() -> tuple[type[torch.nn.Module], ...]:
+    """The base class of every BatchNorm (1d/2d/3d, lazy and ``SyncBatchNorm``).
+
+    ``torch.nn.modules.batchnorm._BatchNorm``: torch 2.3 - 2.13.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return (_BatchNorm,)
+
+
+def metric_bookkeeping(metric: Metric) -> dict[str, Any]:
+    """What a torchmetrics ``Metric`` changes on ``update``/``forward`` besides its states.
+
+    ``Metric._update_count``, ``_computed``, ``_forward_cache``: torchmetrics 1.0 - 1.9.
+    """
+    return {name: metric.__dict__.get(name) for name in ("_update_count", "_computed", "_forward_cache")}
+
+
+def lightning_logs_this_batch(trainer: pl.Trainer) -> bool:
+    """The Trainer's own decision for ``self.log`` on this batch (``log_every_n_steps``).
+
+    ``Trainer._logger_connector.should_update_logs``: Lightning 2.5 - 2.6.
+    """
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+def lightning_logging_step(trainer: pl.Trainer) -> int:
+    """The step that Lightning's loggers record (optimizer steps, counted once per batch).
+
+    ``_TrainingEpochLoop._batches_that_stepped``: Lightning 2.5 - 2.6.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def optimizers_in(configured: Any) -> list[Any]:
+    """The optimizers in any of the forms ``configure_optimizers`` may return.
+
+    ``lightning.pytorch.core.optimizer._configure_optimizers``: Lightning 2.5 - 2.6.
+    """
+    from lightning.pytorch.core.optimizer import _configure_optimizers
+
+    return list(_configure_optimizers(configured)[0])
