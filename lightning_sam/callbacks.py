@@ -9,8 +9,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -18,17 +18,15 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sam import sharpness
+from lightning_sam._compat import lightning_logging_step, lightning_logs_this_batch
 from lightning_sam._observe import loss_in, observing
-from lightning_sam.functional import grad_norm_squared, perturb_, restore_
+from lightning_sam.measures import MEASURES, FixedBatch, TrainingStep, Unavailable
 from lightning_sam.mixin import SAMMixin
-from lightning_sam.optimizer import SAM
+from lightning_sam.step import rng_state, set_rng_state
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_landscape
 
 __all__ = ["SharpnessMonitor"]
 
-CHEAP = ("first_order", "grad_norm")
-EXPENSIVE = ("hessian_max_eig", "eos_ratio", "hessian_trace", "adaptive_avg", "adaptive_worst")
-MEASURES = CHEAP + EXPENSIVE
 DEFAULT_MEASURES = ("first_order", "grad_norm", "hessian_max_eig", "eos_ratio")
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -55,19 +53,22 @@ class SharpnessMonitor(Callback):
     ``first_order`` and ``grad_norm`` are logged on the Trainer's logging steps
     (``log_every_n_steps``). The others run every ``every_n_steps`` optimizer steps and
     at the end of training, in eval mode, on a fixed batch: the first training batch
-    of the run (on each rank). Estimates are computed in float32 with autocast off,
-    with grad enabled even inside inference mode; on DDP they run on the unwrapped module,
-    each rank on its own batch, and are averaged over ranks with one all-reduce. The
+    of the run (on each rank; a checkpoint keeps every rank's). Each measure is one entry
+    of the registry in [`lightning_sam.measures`][lightning_sam.measures]. Estimates are
+    computed in float32 with autocast off, with grad enabled even inside inference mode;
+    on DDP they run on the unwrapped module, each rank on its own batch, and are averaged
+    over ranks with one all-reduce. The
     monitor only observes: weights, ``.grad``, train/eval mode, BatchNorm statistics,
     torchmetrics states and the random state are all as they were.
 
     The loss is the module's ``training_step(batch, batch_idx)`` output (a tensor, or
     ``"loss"`` of a dict), with ``self.log`` silenced; pass ``loss_fn`` if that does not
-    fit.
+    fit. Modules under manual optimization step the optimizer inside ``training_step``,
+    so they need ``loss_fn`` for every measure but ``grad_norm``.
 
     Args:
-        measures: Which measures to log (default: ``first_order``, ``grad_norm``,
-            ``hessian_max_eig``, ``eos_ratio``).
+        measures: Which measures to log, a name or a list (default: ``first_order``,
+            ``grad_norm``, ``hessian_max_eig``, ``eos_ratio``).
         every_n_steps: Interval of the Hessian and adaptive measures, in optimizer steps;
             an int for all, or a mapping measure → interval.
         rho: Radius of ``first_order`` for modules without SAMMixin (SAMMixin modules
@@ -115,7 +116,7 @@ class SharpnessMonitor(Callback):
 
     def __init__(
         self,
-        measures: Sequence[str] | None = None,
+        measures: str | Sequence[str] | None = None,
         every_n_steps: int | Mapping[str, int] = 250,
         rho: float = 0.05,
         adaptive_rho: float = 0.1,
@@ -130,20 +131,23 @@ class SharpnessMonitor(Callback):
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
-        self.measures = tuple(DEFAULT_MEASURES if measures is None else measures)
+        names = DEFAULT_MEASURES if measures is None else (measures,) if isinstance(measures, str) else measures
+        self.measures = tuple(names)
         unknown = [m for m in self.measures if m not in MEASURES]
         if unknown or not self.measures:
             raise MisconfigurationException(
                 f"Unknown SharpnessMonitor measure(s) {unknown or '(none given)'}. Valid measures: {list(MEASURES)}."
             )
-        intervals = every_n_steps if isinstance(every_n_steps, Mapping) else dict.fromkeys(EXPENSIVE, every_n_steps)
-        bad_keys = [k for k in intervals if k not in EXPENSIVE]
+        scheduled = [name for name, m in MEASURES.items() if not m.per_step]
+        intervals = every_n_steps if isinstance(every_n_steps, Mapping) else dict.fromkeys(scheduled, every_n_steps)
+        bad_keys = [k for k in intervals if k not in scheduled]
         if bad_keys:
+            per_step = [name for name, m in MEASURES.items() if m.per_step]
             raise MisconfigurationException(
-                f"every_n_steps sets intervals of {bad_keys}, which have none: only {list(EXPENSIVE)} do "
-                "(first_order and grad_norm follow the Trainer's log_every_n_steps)."
+                f"every_n_steps sets intervals of {bad_keys}, which have none: only {scheduled} do "
+                f"({', '.join(per_step)} follow the Trainer's log_every_n_steps)."
             )
-        self.every_n_steps = {m: intervals.get(m, 250) for m in EXPENSIVE}
+        self.every_n_steps = {m: intervals.get(m, 250) for m in scheduled}
         for name, value in {
             **{f"every_n_steps[{m!r}]": v for m, v in self.every_n_steps.items()},
             "power_iters": power_iters,
@@ -155,9 +159,11 @@ class SharpnessMonitor(Callback):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MisconfigurationException(f"SharpnessMonitor {name} must be a positive integer, got {value!r}.")
         for name, number in {"rho": rho, "adaptive_rho": adaptive_rho, "power_tol": power_tol}.items():
-            if not (isinstance(number, int | float) and math.isfinite(number) and number > 0):
+            if isinstance(number, bool) or not (
+                isinstance(number, int | float) and math.isfinite(number) and number > 0
+            ):
                 raise MisconfigurationException(f"SharpnessMonitor {name} must be a number > 0, got {number!r}.")
-        if any(not isinstance(e, int) or e < 0 for e in landscape_epochs):
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in landscape_epochs):
             raise MisconfigurationException(f"landscape_epochs must be epoch numbers >= 0, got {landscape_epochs!r}.")
         self.rho, self.adaptive_rho = rho, adaptive_rho
         self.power_iters, self.power_tol = power_iters, power_tol
@@ -168,19 +174,28 @@ class SharpnessMonitor(Callback):
         self.seed = seed
         # State that survives checkpoints (``state_dict``).
         self.last_step: dict[str, int] = {}
-        self.eigenvector: list[Tensor] | None = None
-        self.fixed_batch: Any = None
+        self.estimator_state: dict[str, Any] = {}  # e.g. the warm-start eigenvector
+        self.fixed_batches: list[Any] | None = None  # every rank's fixed batch, on the CPU
+        self.fixed_batch: Any = None  # this rank's, on the module's device
         self.rng_state: Tensor = torch.Generator().manual_seed(seed).get_state()
         # What was logged: the last value of each key, and every (step, values) row of this process.
         self.last_values: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []
         self._pending: dict[str, Tensor] = {}
         self._batch: Any = None
-        self._batch_rng: tuple[Tensor, Tensor | None] | None = None
+        self._batch_rng: Any = None
         self._warned: set[str] = set()
         self._state_key: str | None = None
         self._log_now = False
-        self._shortest_interval = min(self.every_n_steps[m] for m in EXPENSIVE)
+        self._per_step = [m for m in self.measures if MEASURES[m].per_step]
+        self._scheduled = [m for m in self.measures if not MEASURES[m].per_step]
+        self._shortest_interval = min((self.every_n_steps[m] for m in self._scheduled), default=0)
+
+    @property
+    def eigenvector(self) -> list[Tensor] | None:
+        """The warm start of ``hessian_max_eig``: its last eigenvector (None before the first estimate)."""
+        vector: list[Tensor] | None = self.estimator_state.get("eigenvector")
+        return vector
 
     @property
     @override
@@ -197,15 +212,16 @@ class SharpnessMonitor(Callback):
         return {
             "last_step": dict(self.last_step),
             "eigenvector": self.eigenvector,
-            "fixed_batch": self.fixed_batch,
+            "fixed_batches": self.fixed_batches,
             "rng_state": self.rng_state,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = dict(state_dict["last_step"])
-        self.eigenvector = state_dict["eigenvector"]
-        self.fixed_batch = state_dict["fixed_batch"]
+        self.estimator_state = {} if state_dict["eigenvector"] is None else {"eigenvector": state_dict["eigenvector"]}
+        old = state_dict.get("fixed_batch")  # checkpoints of 0.1.0 kept one rank's batch
+        self.fixed_batches = state_dict.get("fixed_batches", None if old is None else [old])
         self.rng_state = state_dict["rng_state"]
 
     @override
@@ -217,6 +233,13 @@ class SharpnessMonitor(Callback):
                 "Cannot use SharpnessMonitor with a Trainer that has no logger: pass one, e.g. "
                 "Trainer(logger=CSVLogger('logs')) or WandbLogger(project=...)."
             )
+        needs_loss = [m for m in self.measures if m != "grad_norm"]
+        if not pl_module.automatic_optimization and self.loss_fn is None and needs_loss:
+            raise MisconfigurationException(
+                f"SharpnessMonitor measures {needs_loss} need the loss, but this module uses manual optimization: its "
+                "training_step steps the optimizer, so the monitor cannot call it. Pass "
+                "SharpnessMonitor(loss_fn=lambda module, batch: ...) or measure only 'grad_norm'."
+            )
         if self.landscape_epochs and find_wandb_logger(trainer.loggers) is None:
             rank_zero_warn(
                 "SharpnessMonitor(landscape_epochs=...) logs W&B line plots; without a WandbLogger it skips them."
@@ -224,44 +247,55 @@ class SharpnessMonitor(Callback):
         wandb_logger = find_wandb_logger(trainer.loggers)
         if wandb_logger is not None and trainer.is_global_zero:
             define_sharpness_metrics(wandb_logger)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint's state is loaded: the restored tensors go where the model is.
+        if self.fixed_batches:
+            mine = self.fixed_batches[trainer.global_rank % len(self.fixed_batches)]
+            self.fixed_batch = move_data_to_device(mine, pl_module.device)
         if self.eigenvector is not None:
-            self.eigenvector = [v.to(pl_module.device) for v in self.eigenvector]
+            self.estimator_state["eigenvector"] = [v.to(pl_module.device) for v in self.eigenvector]
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
-        self._log_now = _should_log(trainer)
-        self._batch_rng = _torch_rng_state() if self._log_now and "first_order" in self.measures else None
+        self._log_now = lightning_logs_this_batch(trainer)
+        self._batch_rng = rng_state() if self._log_now and "first_order" in self.measures else None
         if self.fixed_batch is None:
             self.fixed_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+            self.fixed_batches = _every_ranks(trainer, apply_to_collection(batch, Tensor, lambda t: t.detach().cpu()))
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self._log_now:
+        if not self._log_now or not self._per_step:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params if p.grad is not None]
-        if "grad_norm" in self.measures:
-            self._pending["grad_norm"] = grad_norm_squared(params, grads).sqrt().float()
-        if "first_order" in self.measures and not isinstance(pl_module, SAMMixin):
-            self._pending["first_order"] = self._first_order(pl_module, params, grads)
+        step = TrainingStep(
+            params=params,
+            grads=[p.grad for p in params if p.grad is not None],
+            loss_fn=lambda: self._replayed_loss(pl_module),
+            sam_stats=pl_module.sam_stats if isinstance(pl_module, SAMMixin) else None,
+            rho=self.rho,
+        )
+        for name in self._per_step:
+            with self._unless_unavailable(name):
+                self._pending[name] = MEASURES[name].estimate(step).detach().float()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if not self._log_now and step % self._shortest_interval:  # the common case: nothing to do
+        if not self._log_now and (not self._scheduled or step % self._shortest_interval):  # the common case
             return
         values = self._pending
         self._pending = {}
-        if "first_order" in self.measures and isinstance(pl_module, SAMMixin) and self._log_now:
-            values["first_order"] = pl_module.sam_stats["first_order_sharpness"].float()
-        values.update(self._expensive(trainer, pl_module, at_end=False))
+        values.update(self._scheduled_measures(trainer, pl_module, at_end=False))
         self._log(trainer, values)
 
     @override
@@ -272,8 +306,9 @@ class SharpnessMonitor(Callback):
         if wandb_logger is None:
             return
         with self._measuring(pl_module) as (loss_fn, params, generator):
-            with torch.enable_grad():
-                grads = list(torch.autograd.grad(loss_fn(), params))
+            if not params:
+                return
+            grads = sharpness.gradients(loss_fn(), params)
             randoms = [torch.randn(p.shape, generator=generator).to(p) for p in params]
             alphas = torch.linspace(-self.landscape_radius, self.landscape_radius, self.landscape_points)
             curves = torch.stack(
@@ -295,89 +330,74 @@ class SharpnessMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, self._expensive(trainer, pl_module, at_end=True))
+        self._log(trainer, self._scheduled_measures(trainer, pl_module, at_end=True))
 
-    def _expensive(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_end: bool) -> dict[str, Tensor]:
+    def _scheduled_measures(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_end: bool
+    ) -> dict[str, Tensor]:
         step = trainer.global_step
         due = [
             m
-            for m in self.measures
-            if m in EXPENSIVE
-            and self.last_step.get(m) != step
-            and (at_end or (step > 0 and step % self.every_n_steps[m] == 0))
+            for m in self._scheduled
+            if self.last_step.get(m) != step and (at_end or (step > 0 and step % self.every_n_steps[m] == 0))
         ]
-        if "eos_ratio" in due and "hessian_max_eig" not in due and self.last_step.get("hessian_max_eig") != step:
-            due.append("hessian_max_eig")  # the ratio needs a fresh eigenvalue
+        for name in list(due):  # what they need, fresh (the ratio needs this step's eigenvalue)
+            due[:0] = [n for n in MEASURES[name].needs if n not in due and self.last_step.get(n) != step]
         if not due:
             return {}
         if self.fixed_batch is None:
             self._warn_once("no_batch", "SharpnessMonitor: no training batch was seen, so nothing could be measured.")
             return {}
-        values = self._estimate(trainer, pl_module, due)
+        values: dict[str, Tensor] = {}
+        with self._measuring(pl_module) as (loss_fn, params, generator):
+            if not params:
+                self._warn_once("no_params", "SharpnessMonitor: the module has no trainable parameter to measure.")
+                return {}
+            batch = FixedBatch(
+                loss_fn,
+                params,
+                generator,
+                trainer.optimizers[0] if trainer.optimizers else None,
+                self,
+                self.estimator_state,
+                values,
+            )
+            for name in due:
+                with self._unless_unavailable(name):
+                    values[name] = MEASURES[name].estimate(batch).detach().float()
         for m in due:
             self.last_step[m] = step
         return {m: v for m, v in values.items() if m in self.measures}
 
-    def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: list[str]) -> dict[str, Tensor]:
-        values: dict[str, Tensor] = {}
-        with self._measuring(pl_module) as (loss_fn, params, generator):
-            if "hessian_max_eig" in due:
-                values["hessian_max_eig"], self.eigenvector = sharpness.hessian_max_eig(
-                    loss_fn,
-                    params,
-                    max_iters=self.power_iters,
-                    tol=self.power_tol,
-                    init=self.eigenvector,
-                    generator=generator,
-                )
-            if "eos_ratio" in due:
-                threshold = _stability_threshold(trainer)
-                if threshold is None:
-                    self._warn_once(
-                        "eos",
-                        "SharpnessMonitor: eos_ratio needs an SGD (or SAM over SGD) optimizer, whose stability "
-                        "threshold is (2 + 2·momentum)/lr; it is not logged for this optimizer.",
-                    )
-                else:
-                    values["eos_ratio"] = values["hessian_max_eig"] / threshold
-            if "hessian_trace" in due:
-                values["hessian_trace"] = sharpness.hessian_trace(
-                    loss_fn, params, samples=self.trace_samples, generator=generator
-                )
-            if "adaptive_avg" in due:
-                values["adaptive_avg"] = sharpness.adaptive_sharpness_avg(
-                    loss_fn, params, rho=self.adaptive_rho, samples=self.adaptive_samples, generator=generator
-                )
-            if "adaptive_worst" in due:
-                values["adaptive_worst"] = sharpness.adaptive_sharpness_worst(
-                    loss_fn, params, rho=self.adaptive_rho, steps=self.adaptive_steps
-                )
-        return {k: v.detach().float() for k, v in values.items()}
+    @contextmanager
+    def _unless_unavailable(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except Unavailable as reason:
+            self._warn_once(name, f"SharpnessMonitor: {name} is skipped: {reason}")
 
     @contextmanager
     def _measuring(
-        self, pl_module: pl.LightningModule, eval_mode: bool = True, batch: Any = None
+        self, pl_module: pl.LightningModule
     ) -> Iterator[tuple[Callable[[], Tensor], list[Tensor], torch.Generator]]:
-        """Eval mode (unless told), float32, grad on; modes and random state restored afterwards."""
-        batch = self.fixed_batch if batch is None else batch
+        """Eval mode, float32, grad on, on the fixed batch; modes and random state restored afterwards."""
         params: list[Tensor] = [p for p in pl_module.parameters() if p.requires_grad]
-        modes = {m: m.training for m in pl_module.modules()} if eval_mode else {}
-        rng = _collect_rng_states()
+        modes = {m: m.training for m in pl_module.modules()}
+        rng = rng_state()
         generator = torch.Generator().manual_seed(0)
         generator.set_state(self.rng_state)
-        if eval_mode:
-            pl_module.eval()
-        device_type = pl_module.device.type
+        pl_module.eval()
+        batch = self.fixed_batch
 
         def loss_fn() -> Tensor:
             return self._loss(pl_module, batch)
 
         try:
-            with torch.inference_mode(False), torch.autocast(device_type, enabled=False):
+            with torch.inference_mode(False), torch.autocast(pl_module.device.type, enabled=False):
                 yield loss_fn, params, generator
         finally:
             self.rng_state = generator.get_state()
-            _set_rng_states(rng)
+            set_rng_state(rng)
             for m, training in modes.items():
                 m.training = training
 
@@ -393,26 +413,16 @@ class SharpnessMonitor(Callback):
             )
         return loss.float()
 
-    def _first_order(self, pl_module: pl.LightningModule, params: list[Tensor], grads: list[Tensor]) -> Tensor:
-        """``L(w + e) − L(w)`` on the current batch, modes and random state as in its training step."""
-        now = _collect_rng_states()
-
-        def replayed() -> Tensor:  # dropout draws from torch's generators: replay the training step's
-            if self._batch_rng is not None:
-                _set_torch_rng_state(self._batch_rng)
-            return self._loss(pl_module, self._batch)
-
+    def _replayed_loss(self, pl_module: pl.LightningModule) -> Tensor:
+        """The loss on the batch just trained on, in its mode and with its training step's random numbers."""
+        now = rng_state()
         try:
+            if self._batch_rng is not None:
+                set_rng_state(self._batch_rng)  # dropout draws from torch's generators: replay the step's
             with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
-                before = replayed()
-                backup = perturb_(params, grads, self.rho / (grad_norm_squared(params, grads).sqrt() + 1e-12))
-                try:
-                    after = replayed()
-                finally:
-                    restore_(params, backup)
+                return self._loss(pl_module, self._batch)
         finally:
-            _set_rng_states(now)
-        return (after - before).float()
+            set_rng_state(now)
 
     def _log(self, trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
         if not values:
@@ -422,7 +432,7 @@ class SharpnessMonitor(Callback):
         reduced = self._reduce(trainer, stacked)
         metrics = {f"sharpness/{k}": float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
         self.last_values.update(metrics)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = lightning_logging_step(trainer)
         self.history.append((step, metrics))
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -439,27 +449,8 @@ class SharpnessMonitor(Callback):
             rank_zero_warn(message, category=RuntimeWarning)
 
 
-def _torch_rng_state() -> tuple[Tensor, Tensor | None]:
-    """Torch's CPU generator and the current CUDA device's (cheaper than Lightning's full set)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-
-
-def _set_torch_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
-
-
-def _should_log(trainer: pl.Trainer) -> bool:
-    """The Trainer's own decision for ``self.log`` on this batch (``log_every_n_steps``)."""
-    return bool(trainer._logger_connector.should_update_logs)
-
-
-def _stability_threshold(trainer: pl.Trainer) -> float | None:
-    """``(2 + 2β)/lr`` for (heavy-ball) SGD, the edge of stability (Cohen et al. 2021); None otherwise."""
-    optimizer = trainer.optimizers[0] if trainer.optimizers else None
-    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-    if not isinstance(base, torch.optim.SGD):
-        return None
-    group = base.param_groups[0]
-    return float((2 + 2 * group.get("momentum", 0.0)) / group["lr"])
+def _every_ranks(trainer: pl.Trainer, mine: Any) -> list[Any]:
+    """Each rank's object, in rank order, on every rank (once per run: the fixed batches for the checkpoint)."""
+    if trainer.world_size == 1:
+        return [mine]
+    return [trainer.strategy.broadcast(mine, src=rank) for rank in range(trainer.world_size)]

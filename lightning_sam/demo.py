@@ -26,7 +26,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sam.callbacks import MEASURES, SharpnessMonitor
+from lightning_sam.callbacks import SharpnessMonitor
+from lightning_sam.measures import MEASURES
 from lightning_sam.mixin import SAMMixin
 from lightning_sam.optimizer import SAM
 

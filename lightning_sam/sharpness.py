@@ -33,6 +33,7 @@ __all__ = [
     "adaptive_sharpness_worst",
     "filter_normalized",
     "first_order_sharpness",
+    "gradients",
     "hessian_max_eig",
     "hessian_trace",
     "hessian_vector_product",
@@ -78,11 +79,17 @@ class _HessianOperator:
         self.grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads, strict=True)]
 
     def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
-        if not any(g.requires_grad for g in self.grads):  # a loss linear in every parameter
+        # Gradients that do not depend on the parameters (unused ones, or ones the loss is linear in) add nothing.
+        live = [i for i, g in enumerate(self.grads) if g.requires_grad]
+        if not live:
             return [torch.zeros_like(p) for p in self.params]
         with torch.enable_grad():
             products = torch.autograd.grad(
-                self.grads, self.params, grad_outputs=list(vectors), retain_graph=True, allow_unused=True
+                [self.grads[i] for i in live],
+                self.params,
+                grad_outputs=[vectors[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
             )
         return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, products, strict=True)]
 
@@ -99,6 +106,12 @@ def hessian_vector_product(loss_fn: LossFn, params: Sequence[Tensor], vectors: S
         One tensor per parameter.
     """
     return _HessianOperator(loss_fn, params)(vectors)
+
+
+def gradients(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """``∂loss/∂params``, zeros for parameters the loss does not use."""
+    with torch.enable_grad():
+        return list(torch.autograd.grad(loss, list(params), allow_unused=True, materialize_grads=True))
 
 
 def _random_like(params: Sequence[Tensor], generator: torch.Generator | None, rademacher: bool) -> list[Tensor]:
@@ -230,7 +243,7 @@ def first_order_sharpness(loss_fn: LossFn, params: Sequence[Tensor], rho: float 
     params = list(params)
     with torch.enable_grad():
         loss = loss_fn()
-        grads = list(torch.autograd.grad(loss, params))
+    grads = gradients(loss, params)
     with torch.no_grad():
         norm = grad_norm_squared(params, grads).sqrt()
         backup = perturb_(params, grads, rho / (norm + 1e-12))
@@ -301,7 +314,7 @@ def adaptive_sharpness_worst(loss_fn: LossFn, params: Sequence[Tensor], *, rho: 
         z = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
             base = loss_fn()
-            grads = torch.autograd.grad(base, params)
+        grads = gradients(base, params)
         worst = torch.zeros((), device=base.device, dtype=base.dtype)
         for _ in range(steps):
             with torch.no_grad():
@@ -315,7 +328,7 @@ def adaptive_sharpness_worst(loss_fn: LossFn, params: Sequence[Tensor], *, rho: 
                     p.copy_(w).addcmul_(c, zi)
             with torch.enable_grad():
                 loss = loss_fn()
-                grads = torch.autograd.grad(loss, params)
+            grads = gradients(loss, params)
             worst = torch.maximum(worst, (loss - base).detach())
         return worst
 

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sam import SAM, SAMStep, SharpnessMonitor
-from lightning_sam.callbacks import MEASURES
+from lightning_sam.measures import MEASURES
 
 # mode -> (sam_sync_ascent, accumulate_grad_batches)
 SAM_MODES: dict[str, tuple[bool, int]] = {
@@ -107,7 +107,12 @@ def run(mode: str, out_dir: Path) -> None:
             log_every_n_steps=1,
         )
         fit.fit(SAMNet(), datamodule=RankData())
-        result = {"local": monitor.local, "reduced": monitor.reduced, "last_values": monitor.last_values}
+        result = {
+            "local": monitor.local,
+            "reduced": monitor.reduced,
+            "last_values": monitor.last_values,
+            "checkpointed_batches": monitor.state_dict()["fixed_batches"],  # what rank 0 writes into a checkpoint
+        }
         torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
         return
     modules: dict[str, tuple[type[pl.LightningModule], str]] = {

@@ -209,6 +209,11 @@ def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(ddp_runs: 
     assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)), (
         "each rank measures on its own batch"
     )
+    checkpointed = ranks[0]["checkpointed_batches"]
+    assert len(checkpointed) == WORLD, "the checkpoint keeps every rank's fixed batch"
+    for rank in range(WORLD):
+        x, y = rank_batches(rank)[0]
+        assert torch.equal(checkpointed[rank][0], x) and torch.equal(checkpointed[rank][1], y)
     logged = list((ddp_runs / "monitor" / "csv").glob("version_*/metrics.csv"))
     assert len(logged) == 1, "one logger, on rank zero"
     header = logged[0].read_text().splitlines()[0]

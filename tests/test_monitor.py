@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_sam import SharpnessMonitor
-from lightning_sam.callbacks import MEASURES
+from lightning_sam.measures import MEASURES
 
 ALL = list(MEASURES)
 
@@ -305,7 +306,7 @@ def test_state_survives_resume_and_monitors_coexist(tmp_path: Path) -> None:
     saved = checkpoint["callbacks"]
     assert saved[first[0].state_key]["eigenvector"] is not None
     assert saved[first[1].state_key]["eigenvector"] is None
-    x0, x1 = saved[first[0].state_key]["fixed_batch"][0], second[0].fixed_batch[0]
+    x0, x1 = saved[first[0].state_key]["fixed_batches"][0][0], second[0].fixed_batch[0]
     assert torch.equal(x0, x1), "the resumed run measures on the same fixed batch"
     assert second[0].last_step == {"hessian_max_eig": 16}
     assert second[1].last_step == {"hessian_trace": 16}
@@ -378,3 +379,125 @@ def test_landscape_without_wandb_warns(tmp_path: Path) -> None:
     fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[SharpnessMonitor(landscape_epochs=[0])])
     with pytest.warns(UserWarning, match="without a WandbLogger"):
         fit.fit(Net(), loader())
+
+
+# 8. Modules the monitor used to crash on -----------------------------------------------------------------------------
+
+
+class WithUnusedAndLinear(Tiny):
+    """One parameter no loss uses, one the loss is linear in: their Hessian rows are zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.ones(2))
+        self.offset = nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + self.offset
+
+
+def test_unused_and_linear_parameters_are_measured_like_the_exact_hessian(tmp_path: Path) -> None:
+    module = WithUnusedAndLinear().double()
+    monitor = SharpnessMonitor(measures=ALL, every_n_steps=3)
+    fit = trainer(max_epochs=1, precision="64-true", logger=csv_logger(tmp_path), callbacks=[monitor])
+    fit.fit(module, loader())
+    assert all(math.isfinite(v) for v in monitor.last_values.values())
+    hessian = exact_hessian(module, monitor.fixed_batch)  # the unused and linear rows are zero
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    top = eigenvalues[eigenvalues.abs().argmax()].item()
+    assert monitor.last_values["sharpness/hessian_max_eig"] == pytest.approx(top, rel=0.01)
+
+
+class Manual(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        opt.step()  # type: ignore[union-attr]
+        opt.zero_grad()  # type: ignore[union-attr]
+
+
+def plain_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(module(x), y)
+
+
+def test_manual_optimization_needs_a_loss_fn_and_works_with_one(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"manual optimization.*loss_fn=lambda module, batch"):
+        trainer(logger=csv_logger(tmp_path), callbacks=[SharpnessMonitor()]).fit(Manual(), loader())
+    grad_only = SharpnessMonitor(measures="grad_norm")
+    trainer(logger=csv_logger(tmp_path), log_every_n_steps=1, callbacks=[grad_only]).fit(Manual(), loader())
+    assert set(grad_only.last_values) == {"sharpness/grad_norm"}
+    monitor = SharpnessMonitor(measures=ALL, every_n_steps=4, loss_fn=plain_loss)
+    torch.manual_seed(0)
+    module = Manual()
+    fit = trainer(logger=csv_logger(tmp_path), log_every_n_steps=2, callbacks=[monitor])
+    fit.fit(module, loader())
+    assert fit.global_step == 8, "the monitor did not step the optimizer"
+    assert set(monitor.last_values) == {f"sharpness/{m}" for m in ALL}
+
+
+def test_a_measure_name_alone_is_one_measure() -> None:
+    assert SharpnessMonitor(measures="grad_norm").measures == ("grad_norm",)
+
+
+class ParametersOutsideTheModule(Net):
+    """The module's own weights are frozen; what trains lives outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.outside = [nn.Parameter(torch.zeros(3))]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x) + self.outside[0], y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.outside, lr=0.1)
+
+
+def test_no_trainable_parameter_in_the_module_warns_once_instead_of_crashing(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(measures=ALL, every_n_steps=2)
+    fit = trainer(logger=csv_logger(tmp_path), log_every_n_steps=1, callbacks=[monitor])
+    with pytest.warns(RuntimeWarning, match="no trainable parameter") as record:
+        fit.fit(ParametersOutsideTheModule(), loader())
+    assert len([w for w in record if "no trainable parameter" in str(w.message)]) == 1
+    assert set(monitor.last_values) == {"sharpness/first_order", "sharpness/grad_norm"}
+
+
+def test_restored_state_moves_to_the_modules_device(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=4)
+    trainer(logger=csv_logger(tmp_path), callbacks=[monitor]).fit(Net(), loader())
+    restored = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=4)
+    restored.load_state_dict(monitor.state_dict())
+    module = Net()
+    module._device = torch.device("meta")  # a device other than the checkpoint's CPU, without a GPU
+    restored.on_train_start(SimpleNamespace(global_rank=0), module)  # type: ignore[arg-type]
+    assert all(t.device.type == "meta" for t in restored.fixed_batch)
+    assert all(v.device.type == "meta" for v in restored.eigenvector)  # type: ignore[union-attr]
+
+
+def test_a_new_measure_is_one_registry_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_sam import measures
+
+    def loss_at_fixed_batch(batch: measures.FixedBatch) -> torch.Tensor:
+        return batch.loss_fn()
+
+    entry = measures.Measure(loss_at_fixed_batch, per_step=False, summary="the loss on the fixed batch")
+    monkeypatch.setitem(measures.MEASURES, "fixed_batch_loss", entry)
+    monitor = SharpnessMonitor(measures=["fixed_batch_loss"], every_n_steps=4)
+    trainer(logger=csv_logger(tmp_path), callbacks=[monitor]).fit(Net(), loader())
+    assert math.isfinite(monitor.last_values["sharpness/fixed_batch_loss"])
+
+
+def test_each_rank_resumes_on_its_own_fixed_batch() -> None:
+    monitor = SharpnessMonitor()
+    batches = [(torch.zeros(2), torch.zeros(2)), (torch.ones(2), torch.ones(2))]
+    monitor.load_state_dict({"last_step": {}, "eigenvector": None, "fixed_batches": batches, "rng_state": None})
+    monitor.on_train_start(SimpleNamespace(global_rank=1), Net())  # type: ignore[arg-type]
+    assert torch.equal(monitor.fixed_batch[0], torch.ones(2))
