@@ -4,8 +4,11 @@ Every configuration runs in this one process, round after round, interleaved, so
 machine noise hits all alike; each round is a fresh Trainer and the step time is taken
 between ``on_train_batch_start`` and ``on_train_batch_end`` (no data loading). Printed:
 the median step time of each and its ratio to Lightning's automatic optimization with
-the base optimizer, plus plain PyTorch loops (base optimizer, and ``pytorch_optimizer.SAM``)
-to show what Lightning itself costs. On CUDA it also prints peak memory.
+the base optimizer, the spread of the round medians (how steady each is), the same
+SAMMixin with a fresh copy of the weights allocated every step (what version 0.1 did,
+before SAM kept one buffer), plus plain PyTorch loops (base optimizer, and
+``pytorch_optimizer.SAM``) to show what Lightning itself costs. On CUDA it also prints
+peak memory.
 
     python benchmarks/bench_mixin.py [--device cpu|cuda] [--rounds 5] [--steps 30]
 """
@@ -76,8 +79,15 @@ class Plain(pl.LightningModule):
 
 
 class WithSAM(SAMMixin, Plain):
+    def __init__(self, make: Callable[[], nn.Module], fresh_copy: bool = False) -> None:
+        super().__init__(make)
+        self.fresh_copy = fresh_copy
+
     def configure_optimizers(self) -> Any:
-        return SAM(self.parameters(), torch.optim.SGD, rho=0.05, **SGD)
+        opt = SAM(self.parameters(), torch.optim.SGD, rho=0.05, **SGD)
+        if self.fresh_copy:  # version 0.1: a new copy of the weights at every first_step
+            opt._runtime.buffers_for = lambda params: [torch.empty_like(p) for p in params]  # type: ignore[method-assign]
+        return opt
 
 
 class StepTimer(Callback):
@@ -156,7 +166,7 @@ def peak_memory(run: Callable[[], float], device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-TARGETS = {"cnn": 2.05, "mlp": 2.15}
+TARGETS = {"cnn": 2.0, "mlp": 2.0}
 
 
 def measure(
@@ -165,6 +175,7 @@ def measure(
     runs: dict[str, Callable[[], float]] = {
         "auto": lambda: lightning_run(Plain(make), loader, device, warmup),
         "sam": lambda: lightning_run(WithSAM(make), loader, device, warmup),
+        "sam_fresh": lambda: lightning_run(WithSAM(make, fresh_copy=True), loader, device, warmup),
         "plain": lambda: plain_run(make, loader, device, warmup, "none"),
         "po_foreach": lambda: plain_run(make, loader, device, warmup, "foreach"),
         "po_loop": lambda: plain_run(make, loader, device, warmup, "loop"),
@@ -174,11 +185,17 @@ def measure(
         for key, run in runs.items():
             samples[key].append(run())
     t = {key: statistics.median(v) for key, v in samples.items()}
+
+    def spread(key: str) -> str:
+        return f"{(max(samples[key]) - min(samples[key])) / t[key]:.0%}"
+
     mem_auto, mem_sam = peak_memory(runs["auto"], device), peak_memory(runs["sam"], device)
     memory = f"{mem_auto:.0f} / {mem_sam:.0f}" if mem_auto is not None and mem_sam is not None else "n/a on CPU"
     target = TARGETS[name.split()[0]]
     return (
-        f"| {name} | {t['auto'] * 1e3:.2f} | {t['sam'] * 1e3:.2f} | {t['sam'] / t['auto']:.2f}x (<= {target}x) "
+        f"| {name} | {t['auto'] * 1e3:.2f} ({spread('auto')}) | {t['sam'] * 1e3:.2f} ({spread('sam')}) "
+        f"| {t['sam'] / t['auto']:.2f}x (<= {target}x) "
+        f"| {t['sam_fresh'] / t['auto']:.2f}x ({spread('sam_fresh')}) "
         f"| {t['plain'] * 1e3:.2f} | {t['po_foreach'] / t['plain']:.2f}x / {t['po_loop'] / t['plain']:.2f}x "
         f"| {memory} |"
     )
@@ -198,15 +215,17 @@ def main() -> None:
     name_of = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"device: {device} ({name_of}), torch {torch.__version__}, lightning {pl.__version__}, "
-        f"{args.rounds} interleaved rounds of {args.steps} steps (median step time)"
+        f"{args.rounds} interleaved rounds of {args.steps} steps (median step time; in brackets the spread of the "
+        "round medians, (max - min) / median)"
     )
     print()
     print(
         "| workload | Lightning automatic, SGD (ms) | SAMMixin + SAM(SGD) (ms) | ratio (target) "
+        "| ratio with a fresh weight copy per step (0.1) "
         "| plain loop SGD (ms) | plain pytorch_optimizer.SAM foreach / no foreach (ratio to plain SGD) "
         "| peak MiB automatic / SAMMixin |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (make, shape, batch) in WORKLOADS.items():
         print(measure(name, make, data(shape, batch, args.steps, device), device, args.rounds, args.warmup))
 

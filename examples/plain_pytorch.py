@@ -3,9 +3,11 @@
     python examples/plain_pytorch.py [--epochs 20] [--fabric-only | --loop-only]
 
 Both train an MLP on scikit-learn's bundled digits with 40% noisy training labels and
-print the clean test accuracy. The loop shows the davda54/sam API (`step(closure)`,
-or `first_step`/`second_step` around your own backward, here with a GradScaler's
-`step` finishing the SAM step).
+print the clean test accuracy. Both drive the optimizer with `SAMStep`, which runs SAM's
+two passes (same dropout masks, BatchNorm statistics from the first pass, non-finite
+steps skipped, the first pass's gradient per device under DDP): one `run` per batch,
+then `opt.step()`. The davda54/sam API (`step(closure)`, `first_step`/`second_step`)
+works too; see the README.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_sam import SAM
+from lightning_sam import SAM, SAMStep
 from lightning_sam.demo import noisy_digits
 
 
@@ -38,17 +40,12 @@ def plain_loop(epochs: int) -> float:
     train_set, test_set = noisy_digits(0.4, seed=0)
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sam = SAMStep(opt, model)
     for _ in range(epochs):
         for x, y in DataLoader(train_set, batch_size=32, shuffle=True):
-
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                opt.zero_grad()
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                return loss
-
-            closure()  # the gradient at w
-            opt.step(closure)  # the gradient at w + e, w restored bitwise, then the SGD step
+            sam.run(lambda x=x, y=y: loss_fn(model(x), y))  # the gradient at w + e is in .grad, w is restored
+            opt.step()  # the SGD step (skipped if the gradient is not finite)
+            opt.zero_grad()
     return accuracy(model, DataLoader(test_set, batch_size=512))
 
 
@@ -61,13 +58,13 @@ def with_fabric(epochs: int) -> float:
     model, opt = fabric.setup(model, opt)
     train_loader = fabric.setup_dataloaders(DataLoader(train_set, batch_size=32, shuffle=True))
     loss_fn = nn.CrossEntropyLoss()
+    # Fabric's precision wants every backward to go through fabric.backward, the ascent's too.
+    sam = SAMStep(opt.optimizer, model, backward=fabric.backward, ascent_backward=fabric.backward)
     for _ in range(epochs):
         for x, y in train_loader:
+            sam.run(lambda x=x, y=y: loss_fn(model(x), y))
+            opt.step()
             opt.zero_grad()
-            fabric.backward(loss_fn(model(x), y))  # gradient at w
-            opt.first_step(zero_grad=True)  # move to w + e
-            fabric.backward(loss_fn(model(x), y))  # gradient at w + e
-            opt.step()  # no closure after first_step: restore w, then the SGD step
     return accuracy(model, DataLoader(test_set, batch_size=512))
 
 

@@ -17,11 +17,13 @@ if TYPE_CHECKING:
     from torchmetrics import Metric
 
 __all__ = [
+    "attached_trainer",
     "batchnorm_types",
     "default_foreach",
     "group_by_device_and_dtype",
     "lightning_logging_step",
     "lightning_logs_this_batch",
+    "mark_stepped",
     "metric_bookkeeping",
     "optimizers_in",
 ]
@@ -50,6 +52,14 @@ def group_by_device_and_dtype(
     return [(lists, indices) for lists, indices in grouped.values()]  # type: ignore[misc]
 
 
+def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """Tell torch's LR schedulers that ``optimizer`` stepped (they watch ``step`` being called, and warn otherwise).
+
+    ``Optimizer._opt_called``: torch 2.3 - 2.13.
+    """
+    optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
 def batchnorm_types() -> tuple[type[torch.nn.Module], ...]:
     """The base class of every BatchNorm (1d/2d/3d, lazy and ``SyncBatchNorm``).
 
@@ -66,6 +76,15 @@ def metric_bookkeeping(metric: Metric) -> dict[str, Any]:
     ``Metric._update_count``, ``_computed``, ``_forward_cache``: torchmetrics 1.0 - 1.9.
     """
     return {name: metric.__dict__.get(name) for name in ("_update_count", "_computed", "_forward_cache")}
+
+
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The Trainer the module is attached to, or None (outside a fit), without the property's error.
+
+    ``LightningModule._trainer``: Lightning 2.5 - 2.6.
+    """
+    trainer: pl.Trainer | None = module._trainer
+    return trainer
 
 
 def lightning_logs_this_batch(trainer: pl.Trainer) -> bool:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lightning_sam._compat import default_foreach, group_by_device_and_dtype
 
-__all__ = ["grad_norm_squared", "perturb_", "restore_"]
+__all__ = ["all_finite", "grad_norm_squared", "perturb_", "restore_"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -56,6 +56,15 @@ def _resolve_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate norms in at least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _squared_norm(t: Tensor) -> Tensor:
+    """``‖t‖²`` of one tensor: a BLAS dot product where it can be (about twice as fast as ``vector_norm`` on CPUs)."""
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not torch.is_complex(t):
+        flat = t.view(-1)
+        dot: Tensor = torch.dot(flat, flat)
+        return dot
+    return torch.linalg.vector_norm(t, 2, dtype=_norm_dtype(t.dtype)).square()
 
 
 def _check_aligned(params: Sequence[Tensor], others: Sequence[Tensor], what: str) -> None:
@@ -108,13 +117,36 @@ def grad_norm_squared(
                 norms.extend(torch._foreach_norm(scaled, 2, dtype=dtype))
             else:
                 norms.extend(torch._foreach_norm(bucket_grads, 2, dtype=dtype))
+        squares = [n.square() for n in norms]
     else:
-        for p, g in zip(params, grads, strict=True):
-            tg = p.abs().add_(eta).mul_(g) if adaptive else g
-            norms.append(torch.linalg.vector_norm(tg, 2, dtype=_norm_dtype(g.dtype)))
+        squares = [
+            _squared_norm(p.abs().add_(eta).mul_(g) if adaptive else g) for p, g in zip(params, grads, strict=True)
+        ]
     device = grads[0].device
-    dtype = reduce(torch.promote_types, (n.dtype for n in norms))
-    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).square().sum()
+    dtype = reduce(torch.promote_types, (n.dtype for n in squares))
+    return torch.stack([n.to(device=device, dtype=dtype) for n in squares]).sum()
+
+
+def all_finite(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Tensor:
+    """Whether every element of every tensor is finite, as a 0-dim bool tensor (one read, no sync).
+
+    A sum (per-tensor path) or a norm (foreach path) is non-finite exactly when an element
+    is, or when it overflows; an overflow (a sum beyond 3e38, elements beyond 1e19) also
+    counts as non-finite.
+
+    Example:
+        >>> import torch
+        >>> all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+        tensor(False)
+    """
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    if _resolve_foreach(tensors, foreach):
+        sums = [n for bucket, _ in group_by_device_and_dtype([list(tensors)]) for n in torch._foreach_norm(bucket[0])]
+    else:
+        sums = [t.sum(dtype=_norm_dtype(t.dtype)) for t in tensors]
+    device = tensors[0].device
+    return torch.stack([s.to(device) for s in sums]).isfinite().all()  # stack promotes the dtypes
 
 
 def perturb_(

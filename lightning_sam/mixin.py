@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_sam._compat import optimizers_in
+from lightning_sam._compat import attached_trainer, optimizers_in
 from lightning_sam._observe import loss_in, observing
 from lightning_sam.optimizer import SAM
 from lightning_sam.step import SAMStep
@@ -128,7 +128,7 @@ class SAMMixin:
         """Check what ``configure_optimizers`` returned and, in a fit, put its SAM under a `_LightningSAM`."""
         output = configure()
         module = self._sam_module
-        trainer = module._trainer  # None when called outside a fit
+        trainer = attached_trainer(module)  # None when called outside a fit
         if trainer is None:
             return output
         optimizers = optimizers_in(output)
@@ -216,8 +216,7 @@ class _LightningSAM:
         finally:
             self._resume_sync()
         with self._second_pass(), observing(self.module, batchnorm=False):
-            output = self.step.second_forward(lambda: trainer.strategy.training_step(*args, **kwargs))
-        perturbed = _loss_of(output)
+            perturbed = self.step.second_forward(lambda: _loss_of(trainer.strategy.training_step(*args, **kwargs)))
         scaled = perturbed / trainer.accumulate_grad_batches
         self.step.second_backward(self.scaler.scale(scaled) if self.scaler is not None else scaled, backward)
         unscale = trainer.accumulate_grad_batches / (self.scaler.get_scale() if self.scaler is not None else 1.0)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.functional import grad_norm_squared, perturb_, restore_
+from lightning_sam._compat import mark_stepped
+from lightning_sam.functional import _resolve_foreach, all_finite, grad_norm_squared, perturb_, restore_
 
 __all__ = ["SAM"]
 
@@ -55,7 +56,7 @@ class _Runtime:
     copy the optimizer's ``__dict__``.
     """
 
-    perturbed: list[tuple[list[Tensor], list[Tensor], bool | None]] | None = None
+    perturbed: list[tuple[list[Tensor], list[Tensor], bool]] | None = None
     finite: bool = True
     buffers: dict[Tensor, Tensor] = field(default_factory=dict)
     driven: bool = False
@@ -212,9 +213,14 @@ class SAM(Optimizer):
         """The global ``‖T g‖`` over all groups of the current gradients (0-dim tensor, no sync)."""
         return _global_norm(self._groups_with_grads())
 
-    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
-        """Each group that has gradients, with its parameters that have one and those gradients."""
-        return [(group, *pg) for group in self.param_groups if (pg := _params_and_grads(group))[0]]
+    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]:
+        """Each group that has gradients: its parameters that have one, those gradients, and foreach or not."""
+        groups = []
+        for group in self.param_groups:
+            params, grads = _params_and_grads(group)
+            if params:
+                groups.append((group, params, grads, _resolve_foreach(params, group.get("foreach"))))
+        return groups
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> Tensor:
@@ -244,9 +250,8 @@ class SAM(Optimizer):
         runtime.finite = bool(torch.isfinite(norm))  # the one host sync: never move w by a non-finite e
         perturbed = []
         if runtime.finite:
-            for group, params, grads in groups:
+            for group, params, grads, foreach in groups:
                 scale = group["rho"] / (norm + group["perturb_eps"])
-                foreach = group.get("foreach")
                 backup = perturb_(
                     params,
                     grads,
@@ -294,15 +299,14 @@ class SAM(Optimizer):
 
     def _base_step(self) -> None:
         self.base_optimizer.step()
-        # Tell torch's LR schedulers that the optimizer stepped (they watch ``step`` only).
-        self._opt_called = True
+        mark_stepped(self)
 
     @torch.no_grad()
     def _descend(self) -> bool:
         """A driven step's end: the weights are at ``w``, ``.grad`` holds the SAM gradient."""
         self.restore()  # a no-op unless a pass was abandoned with the weights still perturbed
         runtime = self._runtime
-        if runtime.nonfinite != "unchecked" and not bool(torch.isfinite(self.grad_norm())):
+        if runtime.nonfinite != "unchecked" and not self._grads_finite():
             runtime.skipped_steps += 1
             message = (
                 "SAM: the gradient is not finite (a NaN/inf loss or gradient in one of the passes); the step was "
@@ -314,6 +318,11 @@ class SAM(Optimizer):
             return False
         self._base_step()
         return True
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient is finite: one read of the gradients, one host sync."""
+        checks = [all_finite(grads, foreach=foreach) for _, _, grads, foreach in self._groups_with_grads()]
+        return bool(torch.stack(checks).all()) if checks else True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -395,11 +404,11 @@ class SAM(Optimizer):
         super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
 
 
-def _global_norm(groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> Tensor:
+def _global_norm(groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]) -> Tensor:
     """``sqrt`` of the per-group ``‖T g‖²`` summed: the norm runs over all groups, each with its own ``T``."""
     squares = [
-        grad_norm_squared(params, grads, adaptive=group["adaptive"], eta=group["eta"], foreach=group.get("foreach"))
-        for group, params, grads in groups
+        grad_norm_squared(params, grads, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
+        for group, params, grads, foreach in groups
     ]
     if not squares:
         return torch.zeros(())

@@ -467,8 +467,10 @@ class NoLossInTheSecondPass(SAMNet):
     ],
 )
 def test_bad_configurations_raise_clear_errors(model: pl.LightningModule, error: type[Exception], match: str) -> None:
+    start = flat_params(model).clone()
     with pytest.raises(error, match=match):
         trainer().fit(model, loader())
+    assert torch.equal(flat_params(model), start), "the weights are not left perturbed"
 
 
 @pytest.mark.parametrize(

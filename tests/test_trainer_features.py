@@ -196,6 +196,10 @@ FEATURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fp16_grad_scaler": ({"plugins": [fp16()]}, {}),
     "fp16_accumulate_clip": ({"plugins": [fp16()], "accumulate_grad_batches": 2, "gradient_clip_val": 0.05}, {}),
     "batchnorm_and_dropout": ({}, {"batchnorm": True, "dropout": 0.3}),
+    "double_precision": ({"precision": "64-true"}, {}),
+    "detect_anomaly": ({"detect_anomaly": True, "max_epochs": 1}, {}),
+    "deterministic": ({"deterministic": True}, {}),
+    "check_val_every_n_epoch": ({"check_val_every_n_epoch": 2, "max_epochs": 3}, {}),
     **{f"scheduler_{name}": ({"val_check_interval": 4}, {"scheduler": make}) for name, make in SCHEDULERS.items()},
 }
 
