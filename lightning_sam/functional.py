@@ -60,11 +60,12 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _squared_norm(t: Tensor) -> Tensor:
     """``‖t‖²`` of one tensor: a BLAS dot product where it can be (about twice as fast as ``vector_norm`` on CPUs)."""
-    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not torch.is_complex(t):
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
         flat = t.view(-1)
         dot: Tensor = torch.dot(flat, flat)
         return dot
-    return torch.linalg.vector_norm(t, 2, dtype=_norm_dtype(t.dtype)).square()
+    norm: Tensor = torch.linalg.vector_norm(t, 2, dtype=_norm_dtype(t.dtype))
+    return norm.square()
 
 
 def _check_aligned(params: Sequence[Tensor], others: Sequence[Tensor], what: str) -> None:
