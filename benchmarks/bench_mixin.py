@@ -6,8 +6,9 @@ between ``on_train_batch_start`` and ``on_train_batch_end`` (no data loading). P
 the median step time of each and its ratio to Lightning's automatic optimization with
 the base optimizer, the spread of the round medians (how steady each is), the same
 SAMMixin with a fresh copy of the weights allocated every step (what version 0.1 did,
-before SAM kept one buffer), plus plain PyTorch loops (base optimizer, and
-``pytorch_optimizer.SAM``) to show what Lightning itself costs. On CUDA it also prints
+before SAM kept one buffer), plus plain PyTorch loops (base optimizer; the floor of any
+SAM, two forward/backward passes with no SAM work; and ``pytorch_optimizer.SAM``) to show
+what Lightning itself costs. On CUDA it also prints
 peak memory.
 
     python benchmarks/bench_mixin.py [--device cpu|cuda] [--rounds 5] [--steps 30]
@@ -134,7 +135,7 @@ def plain_run(
 ) -> float:
     torch.manual_seed(0)
     model = make().to(device)
-    if sam == "none":
+    if sam in ("none", "two_passes"):
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **SGD)
     else:
         opt = pytorch_optimizer.SAM(model.parameters(), torch.optim.SGD, rho=0.05, foreach=sam == "foreach", **SGD)
@@ -146,6 +147,10 @@ def plain_run(
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         if sam == "none":
+            opt.step()
+        elif sam == "two_passes":  # the floor: both passes, no SAM bookkeeping (norm, copy, perturb, restore)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
         else:
             opt.first_step(zero_grad=True)  # type: ignore[attr-defined]
@@ -177,6 +182,7 @@ def measure(
         "sam": lambda: lightning_run(WithSAM(make), loader, device, warmup),
         "sam_fresh": lambda: lightning_run(WithSAM(make, fresh_copy=True), loader, device, warmup),
         "plain": lambda: plain_run(make, loader, device, warmup, "none"),
+        "two_passes": lambda: plain_run(make, loader, device, warmup, "two_passes"),
         "po_foreach": lambda: plain_run(make, loader, device, warmup, "foreach"),
         "po_loop": lambda: plain_run(make, loader, device, warmup, "loop"),
     }
@@ -196,7 +202,8 @@ def measure(
         f"| {name} | {t['auto'] * 1e3:.2f} ({spread('auto')}) | {t['sam'] * 1e3:.2f} ({spread('sam')}) "
         f"| {t['sam'] / t['auto']:.2f}x (<= {target}x) "
         f"| {t['sam_fresh'] / t['auto']:.2f}x ({spread('sam_fresh')}) "
-        f"| {t['plain'] * 1e3:.2f} | {t['po_foreach'] / t['plain']:.2f}x / {t['po_loop'] / t['plain']:.2f}x "
+        f"| {t['plain'] * 1e3:.2f} | {t['two_passes'] / t['plain']:.2f}x "
+        f"| {t['po_foreach'] / t['plain']:.2f}x / {t['po_loop'] / t['plain']:.2f}x "
         f"| {memory} |"
     )
 
@@ -222,10 +229,11 @@ def main() -> None:
     print(
         "| workload | Lightning automatic, SGD (ms) | SAMMixin + SAM(SGD) (ms) | ratio (target) "
         "| ratio with a fresh weight copy per step (0.1) "
-        "| plain loop SGD (ms) | plain pytorch_optimizer.SAM foreach / no foreach (ratio to plain SGD) "
+        "| plain loop SGD (ms) | plain loop, two passes and no SAM work (ratio to plain SGD) "
+        "| plain pytorch_optimizer.SAM foreach / no foreach (ratio to plain SGD) "
         "| peak MiB automatic / SAMMixin |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (make, shape, batch) in WORKLOADS.items():
         print(measure(name, make, data(shape, batch, args.steps, device), device, args.rounds, args.warmup))
 
