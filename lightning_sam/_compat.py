@@ -1,8 +1,9 @@
 """Every private (``_``-prefixed) name of another package that lightning_sam uses, in one place.
 
-Each is checked against the versions named beside it (the declared floors and the newest
-release at the time; CI runs the test suite on both ends). When one of them moves, this is
-the only module to change.
+Each is checked against the versions named beside it: for Lightning and torchmetrics the
+declared floor and the newest release (CI runs the test suite on both), for torch the 2.13
+that CI installs (the names exist since the torch floor, 2.3). When one of them moves, this
+is the only module to change.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = [
 def default_foreach(tensors: list[Tensor]) -> bool:
     """Torch's own choice of the ``_foreach_*`` path for these tensors (foreach on CUDA, not on the CPU).
 
-    ``torch.optim.optimizer._default_to_fused_or_foreach``: torch 2.3 - 2.13.
+    ``torch.optim.optimizer._default_to_fused_or_foreach``: torch 2.13.
     """
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
@@ -44,7 +45,7 @@ def group_by_device_and_dtype(
 ) -> list[tuple[list[list[Tensor]], list[int]]]:
     """Aligned tensor lists grouped by the (device, dtype) of the first, with each group's original indices.
 
-    ``torch.utils._foreach_utils._group_tensors_by_device_and_dtype``: torch 2.3 - 2.13.
+    ``torch.utils._foreach_utils._group_tensors_by_device_and_dtype``: torch 2.13.
     """
     from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
@@ -55,7 +56,7 @@ def group_by_device_and_dtype(
 def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     """Tell torch's LR schedulers that ``optimizer`` stepped (they watch ``step`` being called, and warn otherwise).
 
-    ``Optimizer._opt_called``: torch 2.3 - 2.13.
+    ``Optimizer._opt_called``: torch 2.13.
     """
     optimizer._opt_called = True  # type: ignore[attr-defined]
 
@@ -63,7 +64,7 @@ def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
 def batchnorm_types() -> tuple[type[torch.nn.Module], ...]:
     """The base class of every BatchNorm (1d/2d/3d, lazy and ``SyncBatchNorm``).
 
-    ``torch.nn.modules.batchnorm._BatchNorm``: torch 2.3 - 2.13.
+    ``torch.nn.modules.batchnorm._BatchNorm``: torch 2.13.
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -73,7 +74,7 @@ def batchnorm_types() -> tuple[type[torch.nn.Module], ...]:
 def metric_bookkeeping(metric: Metric) -> dict[str, Any]:
     """What a torchmetrics ``Metric`` changes on ``update``/``forward`` besides its states.
 
-    ``Metric._update_count``, ``_computed``, ``_forward_cache``: torchmetrics 1.0 - 1.9.
+    ``Metric._update_count``, ``_computed``, ``_forward_cache``: torchmetrics 1.1 - 1.9.
     """
     return {name: metric.__dict__.get(name) for name in ("_update_count", "_computed", "_forward_cache")}
 

@@ -501,3 +501,21 @@ def test_each_rank_resumes_on_its_own_fixed_batch() -> None:
     monitor.load_state_dict({"last_step": {}, "eigenvector": None, "fixed_batches": batches, "rng_state": None})
     monitor.on_train_start(SimpleNamespace(global_rank=1), Net())  # type: ignore[arg-type]
     assert torch.equal(monitor.fixed_batch[0], torch.ones(2))
+
+
+def test_wandb_is_needed_only_with_a_wandb_logger(tmp_path: Path) -> None:
+    code = f"""
+import sys
+sys.modules["wandb"] = None  # importing wandb now fails, as if it were not installed
+import torch
+from lightning.pytorch.loggers import CSVLogger
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from helpers import Net, loader, trainer
+from lightning_sam import SharpnessMonitor
+monitor = SharpnessMonitor(every_n_steps=4)
+trainer(logger=CSVLogger({str(tmp_path)!r}), callbacks=[monitor], log_every_n_steps=2).fit(Net(), loader())
+print(sorted(monitor.last_values))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sharpness/hessian_max_eig" in done.stdout
