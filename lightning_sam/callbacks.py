@@ -21,7 +21,6 @@ from lightning_sam import sharpness
 from lightning_sam._compat import lightning_logging_step, lightning_logs_this_batch
 from lightning_sam._observe import loss_in, observing
 from lightning_sam.measures import MEASURES, FixedBatch, TrainingStep, Unavailable
-from lightning_sam.mixin import SAMMixin
 from lightning_sam.step import rng_state, set_rng_state
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_landscape
 
@@ -279,7 +278,7 @@ class SharpnessMonitor(Callback):
             params=params,
             grads=[p.grad for p in params if p.grad is not None],
             loss_fn=lambda: self._replayed_loss(pl_module),
-            sam_stats=pl_module.sam_stats if isinstance(pl_module, SAMMixin) else None,
+            sam_stats=getattr(pl_module, "sam_stats", None),  # a SAMMixin module's numbers for this step
             rho=self.rho,
         )
         for name in self._per_step:
