@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_sam import sharpness
@@ -307,6 +308,9 @@ class SharpnessMonitor(Callback):
         with self._measuring(pl_module) as (loss_fn, params, generator):
             if not params:
                 return
+            if any(isinstance(p, DTensor) for p in params):
+                self._warn_once("landscape", f"SharpnessMonitor: landscape_epochs is skipped: {_SHARDED}")
+                return
             grads = sharpness.gradients(loss_fn(), params)
             randoms = [torch.randn(p.shape, generator=generator).to(p) for p in params]
             alphas = torch.linspace(-self.landscape_radius, self.landscape_radius, self.landscape_points)
@@ -361,6 +365,11 @@ class SharpnessMonitor(Callback):
                 self.estimator_state,
                 values,
             )
+            if any(isinstance(p, DTensor) for p in params):
+                skipped = [name for name in due if not MEASURES[name].sharded]
+                if skipped:
+                    self._warn_once("sharded", f"SharpnessMonitor: {skipped} are skipped: {_SHARDED}")
+                due = [name for name in due if MEASURES[name].sharded]
             for name in due:
                 with self._unless_unavailable(name):
                     values[name] = MEASURES[name].estimate(batch).detach().float()
@@ -446,6 +455,13 @@ class SharpnessMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=RuntimeWarning)
+
+
+_SHARDED = (
+    "the parameters are sharded (DTensors: FSDP2, tensor parallelism), and these estimators need gradients of the "
+    "fixed batch's loss from torch.autograd (Hessian-vector products are a double backward) or whole parameters, "
+    "which sharded modules do not give; first_order and grad_norm are measured."
+)
 
 
 def _every_ranks(trainer: pl.Trainer, mine: Any) -> list[Any]:

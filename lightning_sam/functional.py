@@ -8,7 +8,12 @@ and ``torch/nn/utils/clip_grad.py`` pattern). Neither path ever synchronizes the
 with the device: norms and scales stay tensors.
 
 With ``T = I`` (SAM, Foret et al. 2021) or ``T = diag(|w| + eta)`` (ASAM, Kwon et al.
-2021) the perturbation is ``e = rho * T² g / (‖T g‖ + eps)``. Half-precision weights
+2021) the perturbation is ``e = rho * T² g / (‖T g‖ + eps)``.
+
+Sharded parameters (DTensors: FSDP2, tensor parallel) work on their local shards; a norm
+(or a finiteness check) over them is summed over the shards with one all-reduce of a
+scalar through DTensor's own ``Partial`` placement, so every rank gets the norm of the
+full gradient. Half-precision weights
 get their perturbation computed in float32 (a scale such as ``rho / ‖g‖ = 1e-8`` is 0
 in float16).
 
@@ -31,9 +36,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import reduce
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from lightning_sam._compat import default_foreach, group_by_device_and_dtype
 
@@ -107,25 +114,26 @@ def grad_norm_squared(
     _check_aligned(params, grads, "grads")
     if not grads:
         return torch.zeros(())
-    norms: list[Tensor] = []
-    if _resolve_foreach(grads, foreach):
-        for (bucket_params, bucket_grads), _ in group_by_device_and_dtype([list(params), list(grads)]):
+    local_params, local_grads = _locals(params), _locals(_without_partial(grads))
+    squares: list[Tensor] = [torch.empty(0)] * len(grads)
+    if _resolve_foreach(local_grads, foreach):
+        for (bucket_params, bucket_grads), indices in group_by_device_and_dtype([local_params, local_grads]):
             dtype = _norm_dtype(bucket_grads[0].dtype)
             if adaptive:
                 scaled = torch._foreach_abs(bucket_params)
                 torch._foreach_add_(scaled, eta)
                 torch._foreach_mul_(scaled, bucket_grads)
-                norms.extend(torch._foreach_norm(scaled, 2, dtype=dtype))
+                norms = torch._foreach_norm(scaled, 2, dtype=dtype)
             else:
-                norms.extend(torch._foreach_norm(bucket_grads, 2, dtype=dtype))
-        squares = [n.square() for n in norms]
+                norms = torch._foreach_norm(bucket_grads, 2, dtype=dtype)
+            for i, norm in zip(indices, norms, strict=True):
+                squares[i] = norm.square()
     else:
         squares = [
-            _squared_norm(p.abs().add_(eta).mul_(g) if adaptive else g) for p, g in zip(params, grads, strict=True)
+            _squared_norm(p.abs().add_(eta).mul_(g) if adaptive else g)
+            for p, g in zip(local_params, local_grads, strict=True)
         ]
-    device = grads[0].device
-    dtype = reduce(torch.promote_types, (n.dtype for n in squares))
-    return torch.stack([n.to(device=device, dtype=dtype) for n in squares]).sum()
+    return _global_sum(squares, grads)
 
 
 def all_finite(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Tensor:
@@ -133,7 +141,7 @@ def all_finite(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Ten
 
     A sum (per-tensor path) or a norm (foreach path) is non-finite exactly when an element
     is, or when it overflows; an overflow (a sum beyond 3e38, elements beyond 1e19) also
-    counts as non-finite.
+    counts as non-finite. Sharded tensors (DTensors) give the same answer on every rank.
 
     Example:
         >>> import torch
@@ -142,12 +150,55 @@ def all_finite(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Ten
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    if _resolve_foreach(tensors, foreach):
-        sums = [n for bucket, _ in group_by_device_and_dtype([list(tensors)]) for n in torch._foreach_norm(bucket[0])]
+    local = _locals(tensors)
+    if _resolve_foreach(local, foreach):
+        sums: list[Tensor] = [torch.empty(0)] * len(local)
+        for (bucket,), indices in group_by_device_and_dtype([local]):
+            for i, norm in zip(indices, torch._foreach_norm(bucket), strict=True):
+                sums[i] = norm
     else:
-        sums = [t.sum(dtype=_norm_dtype(t.dtype)) for t in tensors]
-    device = tensors[0].device
-    return torch.stack([s.to(device) for s in sums]).isfinite().all()  # stack promotes the dtypes
+        sums = [t.sum(dtype=_norm_dtype(t.dtype)) for t in local]
+    return _global_sum(sums, tensors).isfinite()
+
+
+def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each tensor's local part: a DTensor's shard on this rank (a view: writing to it writes the DTensor)."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _without_partial(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """DTensors whose local parts are partial sums, reduced first (a norm of partial sums is not the norm)."""
+    out = []
+    for t in tensors:
+        if isinstance(t, DTensor) and any(p.is_partial() for p in t.placements):
+            t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+        out.append(t)
+    return out
+
+
+def _global_sum(values: Sequence[Tensor], tensors: Sequence[Tensor]) -> Tensor:
+    """The sum of 0-dim per-tensor values (aligned with ``tensors``) over every tensor, on every rank.
+
+    A DTensor's value is of its local shard: summed over the mesh dimensions it is sharded
+    along (not the ones it is replicated along), with one all-reduce of a scalar per mesh
+    and placement pattern, through DTensor's own ``Partial`` placement.
+    """
+    device = values[0].device
+    dtype = reduce(torch.promote_types, (v.dtype for v in values))
+    plain: list[Tensor] = []
+    sharded: dict[tuple[Any, ...], list[Tensor]] = {}
+    for value, tensor in zip(values, tensors, strict=True):
+        value = value.to(device=device, dtype=dtype)
+        if isinstance(tensor, DTensor):
+            reduced = tuple(Replicate() if p.is_replicate() else Partial() for p in tensor.placements)
+            sharded.setdefault((tensor.device_mesh, reduced), []).append(value)
+        else:
+            plain.append(value)
+    total = torch.stack(plain).sum() if plain else torch.zeros((), device=device, dtype=dtype)
+    for (mesh, placements), local_values in sharded.items():
+        partial = DTensor.from_local(torch.stack(local_values).sum(), mesh, placements, run_check=False)
+        total = total + partial.full_tensor().to(device)
+    return total
 
 
 def perturb_(
@@ -173,14 +224,17 @@ def perturb_(
         adaptive: Use ASAM's ``T = diag(|w| + eta)``.
         eta: ASAM's offset.
         foreach: As in [`grad_norm_squared`][lightning_sam.functional.grad_norm_squared].
-        out: Tensors shaped like ``params`` to save the copy into (reused from step to
-            step, they spare an allocation); new ones are allocated when None.
+        out: Tensors shaped like ``params`` (like their local shards, for DTensors) to
+            save the copy into (reused from step to step, they spare an allocation); new
+            ones are allocated when None.
 
     Returns:
         The saved weights, aligned with ``params`` (``out`` when given): hand them to
-        [`restore_`][lightning_sam.functional.restore_].
+        [`restore_`][lightning_sam.functional.restore_]. For sharded parameters (DTensors)
+        they are the local shards: the copy costs ``1/N`` of the parameters per rank.
     """
     _check_aligned(params, grads, "grads")
+    params, grads = _locals(params), _locals(_without_partial(grads))
     backup = [torch.empty_like(p) for p in params] if out is None else list(out)
     _check_aligned(params, backup, "out")
     if not params:
@@ -226,6 +280,7 @@ def restore_(params: Sequence[Tensor], backup: Sequence[Tensor], *, foreach: boo
     _check_aligned(params, backup, "copies")
     if not params:
         return
+    params = _locals(params)
     if _resolve_foreach(params, foreach):
         for (bucket_params, bucket_backup), _ in group_by_device_and_dtype([list(params), list(backup)]):
             torch._foreach_copy_(bucket_params, bucket_backup)

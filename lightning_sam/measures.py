@@ -65,12 +65,15 @@ class Measure:
         needs: Scheduled measures computed first in the same round (``eos_ratio`` needs
             ``hessian_max_eig``).
         summary: One line for the docs and error messages.
+        sharded: Whether it works on sharded (DTensor) parameters, as FSDP2 and tensor
+            parallelism make them; the others are skipped there, with one warning.
     """
 
     estimate: Callable[[Any], Tensor]
     per_step: bool
     needs: tuple[str, ...] = ()
     summary: str = ""
+    sharded: bool = False
 
 
 def _first_order(step: TrainingStep) -> Tensor:

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.overrides.distributed import prepare_for_backward
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -60,10 +63,12 @@ class SAMMixin:
     ``__init__``.
 
     Attributes:
-        sam_sync_ascent: On DDP, all-reduce the first gradient too, so that every rank
-            uses the same perturbation. By default each rank perturbs with its own
-            gradient (m-sharpness, as in Foret et al.), which also saves one all-reduce
-            per step.
+        sam_sync_ascent: On DDP, ``True`` all-reduces the first gradient too, so that
+            every rank uses the same perturbation; by default (``None``) each rank perturbs
+            with its own gradient (m-sharpness, as in Foret et al.), which also saves one
+            all-reduce per step. Under sharding (FSDP2, tensor parallelism through
+            ``ModelParallelStrategy``) the ascent is always global: a per-device ascent
+            would need unsharded gradients, and ``False`` gets a warning that says so.
         sam_same_randomness: Replay the random state of the first pass in the second,
             so that both see the same dropout masks (like the original JAX code, which
             reuses its PRNG key).
@@ -102,7 +107,7 @@ class SAMMixin:
         2
     """
 
-    sam_sync_ascent: bool = False
+    sam_sync_ascent: bool | None = None
     sam_same_randomness: bool = True
     sam_nonfinite: Literal["skip", "raise"] = "skip"
     sam_stats: dict[str, Tensor]
@@ -124,6 +129,15 @@ class SAMMixin:
     def _sam_module(self) -> pl.LightningModule:
         return self  # type: ignore[return-value]
 
+    def _sam_configure_callbacks(self, configure: Callable[[], Any]) -> Any:
+        """Refuse what SAM cannot do at the very start of ``fit``, before any process group or device is set up."""
+        module = self._sam_module
+        trainer = attached_trainer(module)
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            _check_settings(self, module)
+            _check_strategy(trainer.strategy)
+        return configure()
+
     def _sam_configure_optimizers(self, configure: Callable[[], Any]) -> Any:
         """Check what ``configure_optimizers`` returned and, in a fit, put its SAM under a `_LightningSAM`."""
         output = configure()
@@ -143,8 +157,14 @@ class SAMMixin:
                 f"{type(optimizers[0]).__name__}. Wrap the base optimizer class: "
                 "SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)."
             )
-        _check_settings(self, module)
-        module.__dict__["_sam_driver"] = _LightningSAM(module, self, optimizers[0])
+        driver = _LightningSAM(module, self, optimizers[0])
+        if driver.step.sharded and self.sam_sync_ascent is False:
+            rank_zero_warn(
+                "SAMMixin: sam_sync_ascent = False asks for a per-device ascent, which needs each rank's whole "
+                "gradient; the parameters are sharded, so the ascent uses the global gradient (as "
+                "sam_sync_ascent = True). Remove the setting to silence this warning."
+            )
+        module.__dict__["_sam_driver"] = driver
         return output
 
 
@@ -157,7 +177,7 @@ class _LightningSAM:
         self.step = SAMStep(
             optimizer,
             module,
-            ascent_backward=Tensor.backward if settings.sam_sync_ascent else None,
+            ascent_backward=Tensor.backward if settings.sam_sync_ascent else None,  # sharded: always backward
             same_randomness=settings.sam_same_randomness,
             nonfinite=settings.sam_nonfinite,
         )
@@ -323,6 +343,7 @@ _WRAPPERS = {
     "training_step": _outermost(_around_training_step),
     "backward": _outermost(_around_backward),
     "configure_optimizers": _outermost(lambda self, configure, args, kwargs: self._sam_configure_optimizers(configure)),
+    "configure_callbacks": _outermost(lambda self, configure, args, kwargs: self._sam_configure_callbacks(configure)),
 }
 
 
@@ -353,11 +374,33 @@ def _check_settings(settings: SAMMixin, module: pl.LightningModule) -> None:
                 f"`{name}` is gone: SAMMixin modules use {replacement} like any other module. Remove `{name}` from the "
                 "module and set the Trainer flag instead."
             )
-    for name in ("sam_sync_ascent", "sam_same_randomness"):
-        if not isinstance(getattr(settings, name), bool):
-            raise MisconfigurationException(f"{name} must be True or False, got {getattr(settings, name)!r}.")
+    if settings.sam_sync_ascent not in (None, True, False):
+        raise MisconfigurationException(
+            f"sam_sync_ascent must be None, True or False, got {settings.sam_sync_ascent!r}."
+        )
+    if not isinstance(settings.sam_same_randomness, bool):
+        raise MisconfigurationException(
+            f"sam_same_randomness must be True or False, got {settings.sam_same_randomness!r}."
+        )
     if settings.sam_nonfinite not in ("skip", "raise"):
         raise MisconfigurationException(f"sam_nonfinite must be 'skip' or 'raise', got {settings.sam_nonfinite!r}.")
+
+
+def _check_strategy(strategy: Strategy) -> None:
+    """Strategies whose gradients SAM cannot see or steer, refused with what to use instead."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise MisconfigurationException(
+            "SAMMixin does not support DeepSpeedStrategy: ZeRO keeps the gradients in its own buffers, where SAM "
+            "cannot read them for the ascent. Use strategy='ddp', or ModelParallelStrategy with FSDP2 "
+            "(fully_shard in configure_model) to shard the model."
+        )
+    if isinstance(strategy, FSDPStrategy):
+        raise MisconfigurationException(
+            "SAMMixin does not support FSDPStrategy (FSDP1): its flat parameters hide each rank's gradient shard "
+            "from SAM's global norm. Use ModelParallelStrategy with FSDP2: call "
+            "torch.distributed.fsdp.fully_shard on your layers in configure_model, and "
+            "Trainer(strategy=ModelParallelStrategy()). SAM is exact there."
+        )
 
 
 def _loss_of(output: Any) -> Tensor:

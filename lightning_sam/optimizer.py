@@ -62,14 +62,20 @@ class _Runtime:
     driven: bool = False
     nonfinite: NonFinite = "skip"
     skipped_steps: int = 0
+    warned: set[str] = field(default_factory=set)
 
     def buffers_for(self, params: list[Tensor]) -> list[Tensor]:
-        """The saved-weights buffer of each parameter, allocated once and reused every step."""
+        """The saved-weights buffer of each parameter (of its local shard), allocated once and reused every step."""
         out = []
         for p in params:
+            local = p.to_local() if hasattr(p, "to_local") else p
             buffer = self.buffers.get(p)
-            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
-                buffer = self.buffers[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
+                local.shape,
+                local.dtype,
+                local.device,
+            ):
+                buffer = self.buffers[p] = torch.empty_like(local, memory_format=torch.preserve_format)
             out.append(buffer)
         return out
 
@@ -114,6 +120,12 @@ class SAM(Optimizer):
             torch's default, foreach on CUDA and per-tensor on the CPU). When set it is
             passed on to the base optimizer too; when None the base optimizer keeps its
             own default.
+        process_group: For parameters sharded by FSDP1 (``FullyShardedDataParallel``),
+            whose gradients are plain tensors holding one rank's shard: the process group
+            of the sharding, over which the squared norm and the finiteness check are
+            summed (one all-reduce of a scalar each). Not for DDP (whose gradients are
+            already whole on every rank) nor for FSDP2 or tensor parallelism (DTensor
+            parameters are summed over their shards by themselves).
         **base_kwargs: Arguments of the base optimizer (``lr``, ``momentum`` ...).
 
     Example:
@@ -141,6 +153,7 @@ class SAM(Optimizer):
         eta: float = 0.0,
         perturb_eps: float = 1e-12,
         foreach: bool | None = None,
+        process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
@@ -162,6 +175,7 @@ class SAM(Optimizer):
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta, "perturb_eps": perturb_eps}
         _validate_group({**sam_defaults, "params": []})
         self._runtime = _Runtime()
+        self.process_group = process_group
         super().__init__(params, {**sam_defaults, **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -172,6 +186,7 @@ class SAM(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_runtime"] = None
+        state["process_group"] = None  # a process group does not pickle: set it again on the copy
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -211,7 +226,18 @@ class SAM(Optimizer):
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
         """The global ``‖T g‖`` over all groups of the current gradients (0-dim tensor, no sync)."""
-        return _global_norm(self._groups_with_grads())
+        return self._global_norm(self._groups_with_grads())
+
+    def _global_norm(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]) -> Tensor:
+        """``sqrt`` of the per-group ``‖T g‖²`` summed: the norm runs over all groups, each with its own ``T``."""
+        squares = [
+            grad_norm_squared(params, grads, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
+            for group, params, grads, foreach in groups
+        ]
+        total = torch.stack([s.to(squares[0].device) for s in squares]).sum() if squares else torch.zeros(())
+        if self.process_group is not None:  # every rank joins, with or without gradients of its own
+            torch.distributed.all_reduce(total, group=self.process_group)
+        return total.sqrt()
 
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]:
         """Each group that has gradients: its parameters that have one, those gradients, and foreach or not."""
@@ -245,7 +271,15 @@ class SAM(Optimizer):
                 "Call second_step() after the backward pass at the perturbed point."
             )
         groups = self._groups_with_grads()
-        norm = _global_norm(groups)
+        if not groups:
+            _warn_once(
+                self._runtime,
+                "no_grads",
+                "SAM.first_step found no parameter with a gradient, so the weights are not perturbed and the step is "
+                "the base optimizer's. Run the backward pass first; under DeepSpeed ZeRO the gradients live in its "
+                "own buffers, where SAM cannot see them (use DDP or FSDP2).",
+            )
+        norm = self._global_norm(groups)
         runtime = self._runtime
         runtime.finite = bool(torch.isfinite(norm))  # the one host sync: never move w by a non-finite e
         perturbed = []
@@ -322,7 +356,14 @@ class SAM(Optimizer):
     def _grads_finite(self) -> bool:
         """Whether every gradient is finite: one read of the gradients, one host sync."""
         checks = [all_finite(grads, foreach=foreach) for _, _, grads, foreach in self._groups_with_grads()]
-        return bool(torch.stack(checks).all()) if checks else True
+        finite = (
+            torch.stack([c.to(checks[0].device) for c in checks]).all() if checks else torch.ones((), dtype=torch.bool)
+        )
+        if self.process_group is not None:  # every rank decides alike: skip if any shard is not finite
+            not_finite = (~finite).float()
+            torch.distributed.all_reduce(not_finite, group=self.process_group)
+            return bool(not_finite == 0)
+        return bool(finite)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -404,16 +445,10 @@ class SAM(Optimizer):
         super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
 
 
-def _global_norm(groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]) -> Tensor:
-    """``sqrt`` of the per-group ``‖T g‖²`` summed: the norm runs over all groups, each with its own ``T``."""
-    squares = [
-        grad_norm_squared(params, grads, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
-        for group, params, grads, foreach in groups
-    ]
-    if not squares:
-        return torch.zeros(())
-    device = squares[0].device
-    return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+def _warn_once(runtime: _Runtime, key: str, message: str) -> None:
+    if key not in runtime.warned:
+        runtime.warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _params_and_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:

@@ -9,6 +9,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_sam._compat import batchnorm_types
 from lightning_sam.optimizer import SAM
@@ -105,7 +106,10 @@ class SAMStep:
             ``no_sync`` needed and no all-reduce. A callable, e.g. ``Tensor.backward``:
             back-propagated into ``.grad`` (the gradients accumulated so far are set aside
             meanwhile); this all-reduces on DDP (one shared ascent), and is what
-            reentrant gradient checkpointing (``use_reentrant=True``) needs.
+            reentrant gradient checkpointing (``use_reentrant=True``) and FSDP1 need.
+            Sharded (DTensor) parameters, as FSDP2 and tensor parallelism make them, always
+            take the first pass through ``backward`` (FSDP2 reduce-scatters it): under
+            sharding the ascent is global.
         same_randomness: Replay the first pass's random state in the second.
         nonfinite: What ``optimizer.step()`` does with a non-finite gradient: ``"skip"``
             with a ``RuntimeWarning``, or ``"raise"`` ``FloatingPointError``.
@@ -150,6 +154,7 @@ class SAMStep:
         self.module = module
         self.backward = backward if backward is not None else Tensor.backward
         self.ascent_backward = ascent_backward
+        self.sharded = any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
         self.same_randomness = same_randomness
         optimizer._runtime.driven = True
         optimizer._runtime.nonfinite = nonfinite
@@ -203,17 +208,21 @@ class SAMStep:
         params = [p for group in sam.param_groups for p in group["params"]]
         aside = [p.grad for p in params]  # the gradients accumulated so far wait outside the first pass
         try:
-            if self.ascent_backward is None:
+            for p in params:
+                p.grad = None
+            if self.ascent_backward is None and not self.sharded:
                 trainable = [p for p in params if p.requires_grad]
                 grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-                for p in params:
-                    p.grad = None
+                if trainable and all(g is None for g in grads):
+                    raise ValueError(
+                        "The first pass's gradient did not reach any of the optimizer's parameters through "
+                        "torch.autograd.grad: a wrapper such as FSDP (FullyShardedDataParallel) sets .grad itself. "
+                        "Pass SAMStep(..., ascent_backward=torch.Tensor.backward)."
+                    )
                 for p, g in zip(trainable, grads, strict=True):
                     p.grad = g
             else:
-                for p in params:
-                    p.grad = None
-                self.ascent_backward(loss)
+                (self.ascent_backward or self.backward)(loss)
             norm = sam.first_step()
         finally:
             for p, g in zip(params, aside, strict=True):

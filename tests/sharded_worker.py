@@ -1,0 +1,263 @@
+"""Run by tests/test_sharded.py as `python tests/sharded_worker.py OUT_DIR MODE [MODE ...]`: 2 CPU processes (gloo).
+
+Lightning's ModelParallelStrategy (FSDP2 in ``configure_model``, data parallel or tensor parallel), Fabric, plain
+``fully_shard`` and FSDP1 loops, each a fit or loop of its own in one process group; each rank saves what the test
+needs to OUT_DIR/MODE/rank{R}.pt. The first mode must be a Lightning fit (it starts the process group).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import lightning.pytorch as pl
+import torch
+from helpers import Net, SAMNet, dataset, trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from lightning_sam import SAM, SAMStep, SharpnessMonitor
+from lightning_sam.measures import MEASURES
+
+
+def full_params(module: nn.Module) -> torch.Tensor:
+    """Every parameter gathered whole (DTensors: all shards), flattened, in order."""
+    return torch.cat(
+        [(p.full_tensor() if isinstance(p, DTensor) else p).detach().flatten() for p in module.parameters()]
+    )
+
+
+def shard_data_parallel(net: nn.Module, mesh: Any) -> None:
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def data_parallel() -> ModelParallelStrategy:
+    """FSDP2 over both processes ("auto" would make them one tensor-parallel group)."""
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+class ShardedSAMNet(SAMNet):
+    """FSDP2 in configure_model, as Lightning's docs have it."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            parallelize_module(self.net, mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        else:
+            shard_data_parallel(self.net, mesh["data_parallel"])
+
+
+class ShardedNet(Net):
+    def configure_model(self) -> None:
+        shard_data_parallel(self.net, self.device_mesh["data_parallel"])
+
+
+class Trajectory(Callback):
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.params.append(full_params(pl_module))
+
+
+class RankData(pl.LightningDataModule):
+    """Data parallel: every WORLD-th sample for each rank; tensor parallel: the same first half on both."""
+
+    def __init__(self, same_on_every_rank: bool = False) -> None:
+        super().__init__()
+        self.same = same_on_every_rank
+
+    def train_dataloader(self) -> Any:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        indices = range(0, 32) if self.same else range(rank, 64, world)
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset(), indices), batch_size=8, shuffle=False)
+
+
+def lightning_fit(mode: str, out_dir: Path) -> dict[str, Any]:
+    tensor_parallel = mode == "lightning_tp"
+    strategy = data_parallel() if not tensor_parallel else ModelParallelStrategy(1, 2)
+    kwargs: dict[str, Any] = {
+        "lightning_accumulate_clip": {"accumulate_grad_batches": 2, "gradient_clip_val": 0.1},
+        "lightning_bf16": {"precision": "bf16-mixed"},
+    }.get(mode, {})
+    torch.manual_seed(0)
+    module = ShardedSAMNet()
+    trajectory = Trajectory()
+    callbacks: list[Callback] = [trajectory]
+    if mode == "lightning_checkpoint":
+        callbacks.append(ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True))
+    fit = trainer(
+        strategy=strategy,
+        devices=2,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        enable_checkpointing=mode == "lightning_checkpoint",
+        max_epochs=2 if mode == "lightning_two_epochs" else 1,
+        **kwargs,
+    )
+    fit.fit(module, datamodule=RankData(same_on_every_rank=tensor_parallel))
+    opt = fit.optimizers[0]
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
+    return {
+        "trajectory": trajectory.params,
+        "global_step": fit.global_step,
+        "buffer_numel": sum(b.numel() for b in opt._runtime.buffers.values()),
+        "local_numel": local,
+        "full_numel": full_params(module).numel(),
+    }
+
+
+def lightning_resume(out_dir: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    module = ShardedSAMNet()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)  # the checkpoint must overwrite everything
+    trajectory = Trajectory()
+    fit = trainer(
+        strategy=data_parallel(), devices=2, use_distributed_sampler=False, callbacks=[trajectory], max_epochs=2
+    )
+    ckpt = out_dir.parent / "lightning_checkpoint" / "ckpt" / "last.ckpt"
+    fit.fit(module, datamodule=RankData(), ckpt_path=ckpt)
+    return {"final": full_params(module), "global_step": fit.global_step}
+
+
+def lightning_monitor(out_dir: Path, module_cls: type[Net]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    monitor = SharpnessMonitor(measures=list(MEASURES), every_n_steps=2)
+    fit = trainer(
+        strategy=data_parallel(),
+        devices=2,
+        use_distributed_sampler=False,
+        callbacks=[monitor],
+        logger=CSVLogger(out_dir, name="csv"),
+        log_every_n_steps=1,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(module_cls(), datamodule=RankData())
+    return {
+        "history": monitor.history,
+        "warnings": [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)],
+    }
+
+
+def lightning_sync_false(out_dir: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    module = ShardedSAMNet()
+    module.sam_sync_ascent = False
+    trajectory = Trajectory()
+    fit = trainer(strategy=data_parallel(), devices=2, use_distributed_sampler=False, callbacks=[trajectory])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(module, datamodule=RankData())
+    return {
+        "trajectory": trajectory.params,
+        "warnings": [str(w.message) for w in caught if "sam_sync_ascent" in str(w.message)],
+    }
+
+
+def rank_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    subset = torch.utils.data.Subset(dataset(), range(rank, 64, world))
+    return list(torch.utils.data.DataLoader(subset, batch_size=8, shuffle=False))
+
+
+def plain_fsdp2(foreach: bool) -> dict[str, Any]:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    torch.manual_seed(0)
+    model = Net().net
+    shard_data_parallel(model, mesh)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, foreach=foreach)
+    step = SAMStep(opt, model)
+    trajectory = []
+    for x, y in rank_batches():
+        step.run(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        opt.zero_grad()
+        trajectory.append(full_params(model))
+    return {"trajectory": trajectory, "buffer_numel": sum(b.numel() for b in opt._runtime.buffers.values())}
+
+
+def plain_fsdp1() -> dict[str, Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.manual_seed(0)
+    model = FullyShardedDataParallel(Net().net, device_id=torch.device("cpu"), use_orig_params=True)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, process_group=model.process_group)
+    step = SAMStep(opt, model, ascent_backward=torch.Tensor.backward)
+    trajectory = []
+    for x, y in rank_batches():
+        step.run(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        opt.zero_grad()
+        with FullyShardedDataParallel.summon_full_params(model):
+            trajectory.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+    return {"trajectory": trajectory}
+
+
+def fabric_fsdp2() -> dict[str, Any]:
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+
+    def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
+        shard_data_parallel(model, mesh["data_parallel"])
+        return model
+
+    strategy = FabricModelParallel(parallelize, data_parallel_size=2, tensor_parallel_size=1)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric.launch()
+    torch.manual_seed(0)
+    model = fabric.setup(Net().net)
+    opt = fabric.setup_optimizers(SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9))
+    step = SAMStep(opt.optimizer, model, backward=fabric.backward)
+    trajectory = []
+    for x, y in rank_batches():
+        step.run(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        opt.zero_grad()
+        trajectory.append(full_params(model))
+    return {"trajectory": trajectory}
+
+
+def run(mode: str, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if mode.startswith("lightning_") and mode not in SPECIAL:
+        result = lightning_fit(mode, out_dir)
+    else:
+        result = SPECIAL[mode](out_dir)
+    torch.save(result, out_dir / f"rank{torch.distributed.get_rank()}.pt")
+
+
+SPECIAL = {
+    "lightning_resume": lightning_resume,
+    "lightning_monitor_sam": lambda out: lightning_monitor(out, ShardedSAMNet),
+    "lightning_monitor_plain": lambda out: lightning_monitor(out, ShardedNet),
+    "lightning_sync_false": lightning_sync_false,
+    "plain_fsdp2_foreach": lambda out: plain_fsdp2(foreach=True),
+    "plain_fsdp2_per_tensor": lambda out: plain_fsdp2(foreach=False),
+    "plain_fsdp1": lambda out: plain_fsdp1(),
+    "fabric_fsdp2": lambda out: fabric_fsdp2(),
+}
+
+
+def main(out_dir: Path, modes: list[str]) -> None:
+    for mode in modes:
+        run(mode, out_dir / mode)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    main(Path(sys.argv[1]), sys.argv[2:])

@@ -1,0 +1,241 @@
+"""SAM on sharded models (FSDP2 through Lightning, Fabric and plain loops; tensor parallelism; FSDP1), 2 gloo processes.
+
+The oracle: one process on the concatenated batch (for tensor parallelism, on the same batch), written out from the
+paper below. Under sharding the ascent is global, so the sharded run must equal it to float precision.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import Net, SAMNet, dataset, flat_params, loader, trainer
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_sam import SAM
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+RHO, WORLD = 0.05, 2
+MODES = [
+    "lightning_dp",  # first: a Lightning fit starts the process group
+    "lightning_accumulate_clip",
+    "lightning_bf16",
+    "lightning_tp",
+    "lightning_checkpoint",
+    "lightning_resume",
+    "lightning_two_epochs",
+    "lightning_monitor_sam",
+    "lightning_monitor_plain",
+    "lightning_sync_false",
+    "plain_fsdp2_foreach",
+    "plain_fsdp2_per_tensor",
+    "plain_fsdp1",
+    "fabric_fsdp2",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(HERE / "sharded_worker.py"), str(out_dir), *MODES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    return out_dir
+
+
+def ranks_of(runs: Path, mode: str) -> list[dict[str, Any]]:
+    return [torch.load(runs / mode / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def global_batches(same_on_every_rank: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What one process sees: both ranks' batches concatenated (tensor parallel: the batch both ranks see)."""
+    x, y = dataset().tensors
+    if same_on_every_rank:
+        return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    per_rank = [(x[r::WORLD], y[r::WORLD]) for r in range(WORLD)]
+    return [
+        (torch.cat([xr[i : i + 8] for xr, _ in per_rank]), torch.cat([yr[i : i + 8] for _, yr in per_rank]))
+        for i in range(0, 32, 8)
+    ]
+
+
+def reference(
+    accumulate: int = 1, clip: float | None = None, bf16: bool = False, same_on_every_rank: bool = False
+) -> list[torch.Tensor]:
+    """SAM (SGD with momentum) in one process, from the paper: the parameters after every batch."""
+    torch.manual_seed(0)
+    model = Net()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+    def loss_at(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return nn.functional.cross_entropy(model(x), y)
+
+    trajectory = []
+    batches = global_batches(same_on_every_rank)
+    for start in range(0, len(batches), accumulate):
+        total = [torch.zeros_like(p) for p in params]
+        for x, y in batches[start : start + accumulate]:
+            g = torch.autograd.grad(loss_at(x, y), params)
+            norm = torch.sqrt(sum((t.float() ** 2).sum() for t in g))
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, t in zip(params, g, strict=True):
+                    p.add_(RHO * t / (norm + 1e-12))
+            g2 = torch.autograd.grad(loss_at(x, y) / accumulate, params)
+            with torch.no_grad():
+                for p, w in zip(params, saved, strict=True):
+                    p.copy_(w)
+            total = [a + b for a, b in zip(total, g2, strict=True)]
+            if len(trajectory) < start + accumulate - 1:
+                trajectory.append(flat_params(model).clone())
+        for p, t in zip(params, total, strict=True):
+            p.grad = t
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        trajectory.append(flat_params(model).clone())
+    return trajectory
+
+
+def assert_trajectory(ranks: list[dict[str, Any]], expected: list[torch.Tensor], atol: float = 1e-6) -> None:
+    trajectories = [r["trajectory"] for r in ranks]
+    assert len(trajectories[0]) == len(expected) == 4
+    for step, (p0, p1, ref) in enumerate(zip(*trajectories, expected, strict=True)):
+        assert torch.equal(p0, p1), f"ranks differ after batch {step}"
+        torch.testing.assert_close(p0, ref, rtol=0, atol=atol, msg=f"after batch {step}")
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "atol"),
+    [
+        ("lightning_dp", {}, 1e-6),
+        ("lightning_accumulate_clip", {"accumulate": 2, "clip": 0.1}, 1e-6),
+        ("lightning_bf16", {"bf16": True}, 2e-3),
+        ("lightning_tp", {"same_on_every_rank": True}, 1e-6),
+        ("plain_fsdp2_foreach", {}, 1e-6),
+        ("plain_fsdp2_per_tensor", {}, 1e-6),
+        ("plain_fsdp1", {}, 1e-6),
+        ("fabric_fsdp2", {}, 1e-6),
+    ],
+)
+def test_sharded_sam_equals_one_process_on_the_global_batch(
+    mode: str, kwargs: dict[str, Any], atol: float, runs: Path
+) -> None:
+    assert_trajectory(ranks_of(runs, mode), reference(**kwargs), atol=atol)
+
+
+def test_the_references_differ_from_each_other() -> None:
+    """Accumulation with clipping, bf16 and tensor parallelism are each a different update: each test checks its own."""
+    finals = [reference()[-1], reference(accumulate=2, clip=0.1)[-1], reference(same_on_every_rank=True)[-1]]
+    assert not torch.allclose(finals[0], finals[1], rtol=0, atol=1e-4)
+    assert not torch.allclose(finals[0], finals[2], rtol=0, atol=1e-4)
+    assert not torch.allclose(reference(bf16=True)[-1], finals[0], rtol=0, atol=1e-6)
+
+
+def test_the_saved_copy_holds_each_ranks_shard_only(runs: Path) -> None:
+    for mode in ("lightning_dp", "plain_fsdp2_foreach"):
+        ranks = ranks_of(runs, mode)
+        full = flat_params(Net()).numel()
+        assert sum(r["buffer_numel"] for r in ranks) == full, "the shards add up to one copy of the parameters"
+        assert all(r["buffer_numel"] < 0.6 * full for r in ranks), "each rank holds about 1/2"
+    dp = ranks_of(runs, "lightning_dp")
+    assert all(r["buffer_numel"] == r["local_numel"] for r in dp)
+
+
+def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(runs: Path) -> None:
+    resumed, uninterrupted = ranks_of(runs, "lightning_resume"), ranks_of(runs, "lightning_two_epochs")
+    assert (runs / "lightning_checkpoint" / "ckpt" / "last.ckpt").is_dir(), "a distributed checkpoint: a folder"
+    for rank_resumed, rank_full in zip(resumed, uninterrupted, strict=True):
+        assert rank_resumed["global_step"] == rank_full["global_step"] == 8
+        assert torch.equal(rank_resumed["final"], rank_full["trajectory"][-1])
+
+
+def test_per_device_ascent_cannot_apply_and_says_so_once(runs: Path) -> None:
+    ranks, dp = ranks_of(runs, "lightning_sync_false"), ranks_of(runs, "lightning_dp")
+    assert len(ranks[0]["warnings"]) == 1 and "the parameters are sharded" in ranks[0]["warnings"][0]
+    for a, b in zip(ranks[0]["trajectory"], dp[0]["trajectory"], strict=True):
+        assert torch.equal(a, b), "the global ascent, as by default"
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy refuses the CPU by name; a subclass gets through to the point SAM refuses it."""
+
+
+def test_fsdp1_strategy_is_refused_at_fit_start_with_the_way_to_fsdp2() -> None:
+    module = SAMNet()
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy.*ModelParallelStrategy.*fully_shard"):
+        trainer(strategy=CPUFSDPStrategy(), devices=1).fit(module, loader())
+    assert module.trainer.optimizers == [], "refused before anything was set up"
+
+
+@pytest.mark.parametrize("mode", ["lightning_monitor_sam", "lightning_monitor_plain"])
+def test_monitor_logs_first_order_and_grad_norm_and_skips_the_rest_once(mode: str, runs: Path) -> None:
+    ranks = ranks_of(runs, mode)
+    skipped = [w for w in ranks[0]["warnings"] if "are skipped" in w]
+    assert len(skipped) == 1 and "sharded" in skipped[0], ranks[0]["warnings"]
+    _, values = ranks[0]["history"][0]
+    assert set(values) == {"sharpness/first_order", "sharpness/grad_norm"}
+    # The first logged step, at the initial weights: the norm of the global gradient the optimizer steps with (for
+    # SAM the one at w + e), and the mean over ranks of each rank's L(w + e) - L(w) with the global e.
+    torch.manual_seed(0)
+    model = Net()
+    x, y = global_batches()[0]
+    params = list(model.parameters())
+    g = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+    norm = torch.sqrt(sum((t**2).sum() for t in g))
+    before = [nn.functional.cross_entropy(model(x[r * 8 : (r + 1) * 8]), y[r * 8 : (r + 1) * 8]) for r in range(2)]
+    with torch.no_grad():
+        for p, t in zip(params, g, strict=True):
+            p.add_(RHO * t / (norm + 1e-12))
+        after = [nn.functional.cross_entropy(model(x[r * 8 : (r + 1) * 8]), y[r * 8 : (r + 1) * 8]) for r in range(2)]
+    with torch.enable_grad():
+        g_perturbed = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params) if "sam" in mode else g
+    first_order = sum(a - b for a, b in zip(after, before, strict=True)) / 2
+    stepped_norm = torch.sqrt(sum((t**2).sum() for t in g_perturbed))
+    assert values["sharpness/grad_norm"] == pytest.approx(stepped_norm.item(), rel=1e-5)
+    assert values["sharpness/first_order"] == pytest.approx(first_order.item(), rel=1e-4)
+
+
+# Refusals that need no second process ------------------------------------------------------------------------------
+
+
+def test_deepspeed_strategy_is_refused_at_fit_start() -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_sam.mixin import _check_strategy
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # deepspeed itself is not installed here
+    with pytest.raises(MisconfigurationException, match=r"DeepSpeedStrategy.*gradients in its own buffers"):
+        _check_strategy(strategy)
+    _check_strategy(trainer().strategy)  # the single-device strategy passes
+
+
+def test_a_plain_loop_without_any_gradient_warns_once_about_deepspeed() -> None:
+    """ZeRO keeps gradients in its own buffers: every .grad is None after the backward, SAM must not stay silent."""
+    model = nn.Linear(3, 1)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.first_step()
+            opt.second_step()
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "no parameter with a gradient" in messages[0] and "DeepSpeed" in messages[0]
