@@ -16,4 +16,7 @@ out="${OUT:-.}/gpu_benchmarks.md"
   echo
   echo '## python benchmarks/bench_mixin.py --device cuda --rounds 5 --steps 50'
   python benchmarks/bench_mixin.py --device cuda --rounds 5 --steps 50 2>/dev/null
+  echo
+  echo '## python benchmarks/bench_fsdp.py --device cuda --width 8192 --layers 8 (every GPU of the machine)'
+  python benchmarks/bench_fsdp.py --device cuda --width 8192 --layers 8 2>/dev/null
 } | tee "$out"

@@ -90,3 +90,21 @@ def test_lightning_cli_example_with_its_yaml(tmp_path: Path) -> None:
     metrics = next(tmp_path.glob("lightning_logs/cli/version_0/metrics.csv")).read_text()
     assert "sharpness/hessian_max_eig" in metrics
     assert "val_acc" in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["lightning", "fabric"])
+def test_fsdp_example_on_two_cpu_processes(loop: str, tmp_path: Path) -> None:
+    argv = [sys.executable, str(ROOT / "examples" / "fsdp.py"), "--devices", "2", "--epochs", "1"]
+    done = subprocess.run(
+        [*argv, *(["--fabric"] if loop == "fabric" else [])],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"clean test accuracy \d+\.\d%", done.stdout)
+    if loop == "lightning":
+        assert "rank 0 holds 42501 of the 85002 parameters" in done.stdout
