@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fabric", action="store_true", help="the Fabric loop instead of the Lightning Trainer")
     args = parser.parse_args(argv)
     (with_fabric if args.fabric else with_lightning)(args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left to abort the process
 
 
 if __name__ == "__main__":
