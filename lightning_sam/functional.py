@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from lightning_sam._compat import default_foreach, group_by_device_and_dtype
 
-__all__ = ["all_finite", "grad_norm_squared", "perturb_", "restore_"]
+__all__ = ["all_finite", "dot", "grad_norm_squared", "perturb_", "restore_"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -159,6 +159,25 @@ def all_finite(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Ten
     else:
         sums = [t.sum(dtype=_norm_dtype(t.dtype)) for t in local]
     return _global_sum(sums, tensors).isfinite()
+
+
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """``Σ ⟨x, y⟩`` over aligned tensor lists, as a 0-dim tensor (sharded tensors: over every shard, on every rank).
+
+    Example:
+        >>> import torch
+        >>> dot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
+        tensor(11.)
+    """
+    _check_aligned(xs, ys, "ys")
+    if not xs:
+        return torch.zeros(())
+    local_xs, local_ys = _locals(_without_partial(xs)), _locals(_without_partial(ys))
+    products = []
+    for x, y in zip(local_xs, local_ys, strict=True):
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        products.append(torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)).real)
+    return _global_sum(products, xs)
 
 
 def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -157,12 +157,16 @@ class SAMMixin:
                 f"{type(optimizers[0]).__name__}. Wrap the base optimizer class: "
                 "SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)."
             )
-        driver = _LightningSAM(module, self, optimizers[0])
-        if driver.step.sharded and self.sam_sync_ascent is False:
+        optimizer = optimizers[0]
+        if isinstance(optimizer.start, float) and optimizer.total_steps is None:  # late-phase SAM
+            optimizer.total_steps = int(trainer.estimated_stepping_batches)
+        driver = _LightningSAM(module, self, optimizer)
+        if driver.step.global_ascent and self.sam_sync_ascent is False:
+            why = "the parameters are sharded" if driver.step.sharded else f"{type(optimizer).__name__} keeps it"
             rank_zero_warn(
-                "SAMMixin: sam_sync_ascent = False asks for a per-device ascent, which needs each rank's whole "
-                "gradient; the parameters are sharded, so the ascent uses the global gradient (as "
-                "sam_sync_ascent = True). Remove the setting to silence this warning."
+                "SAMMixin: sam_sync_ascent = False asks for a per-device ascent, which needs each rank's own "
+                f"gradient; {why}, so the ascent uses the global gradient (as sam_sync_ascent = True). Remove the "
+                "setting to silence this warning."
             )
         module.__dict__["_sam_driver"] = driver
         return output
@@ -177,7 +181,7 @@ class _LightningSAM:
         self.step = SAMStep(
             optimizer,
             module,
-            ascent_backward=Tensor.backward if settings.sam_sync_ascent else None,  # sharded: always backward
+            ascent_backward=Tensor.backward if settings.sam_sync_ascent else None,  # SAMStep knows when it must
             same_randomness=settings.sam_same_randomness,
             nonfinite=settings.sam_nonfinite,
         )
@@ -186,24 +190,32 @@ class _LightningSAM:
         if self.scaler is not None:  # the GradScaler finds and skips non-finite steps itself
             optimizer._runtime.nonfinite = "unchecked"
         self.iterates = is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
+        self.sync_ascent = bool(settings.sam_sync_ascent) or self.step.global_ascent
         self.pending: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
         self.paused_sync: DistributedDataParallel | None = None
 
     def first_pass(self, training_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Lightning's ``training_step`` call: the pass at ``w``, remembered for the second pass."""
         self._resume_sync()  # in case the last batch had no backward (SWA's BatchNorm epoch)
+        self.step.end_one_pass()  # likewise
         self.pending = None
         self.step.begin()
         if not self.step.ascending:
-            output = training_step(*args, **kwargs)
+            try:
+                output = training_step(*args, **kwargs)
+            except BaseException:
+                self.step.end_one_pass()
+                raise
             if (loss := loss_in(output)) is not None:
                 self.settings.sam_stats = {"loss": loss.detach()}
+            else:  # no backward follows
+                self.step.end_one_pass()
             return output
         recorder = _Recorder(args[0]) if self.iterates else None
         if recorder is not None:
             args = (recorder, *args[1:])
         ddp = self._ddp()
-        if ddp is not None and not self.settings.sam_sync_ascent and ddp.require_backward_grad_sync:
+        if ddp is not None and not self.sync_ascent and ddp.require_backward_grad_sync:
             ddp.require_backward_grad_sync = False  # DDP's forward must not prepare the first backward's all-reduce
             self.paused_sync = ddp
         try:
@@ -221,14 +233,17 @@ class _LightningSAM:
         """Lightning's ``backward`` call: the ascent, the pass at ``w + e`` and its backward, back to ``w``."""
         if self.pending is None:  # one pass (a step without ascent), or a backward we did not see coming
             self._resume_sync()
-            backward(loss)
+            try:
+                backward(loss)
+            finally:
+                self.step.end_one_pass()
             return
         args, kwargs, raw_loss = self.pending
         self.pending = None
         trainer = self.module.trainer
         ddp = self._ddp()
         try:
-            if ddp is not None and self.settings.sam_sync_ascent and not ddp.require_backward_grad_sync:
+            if ddp is not None and self.sync_ascent and not ddp.require_backward_grad_sync:
                 with _sync_enabled(ddp, loss):  # inside an accumulation window Lightning paused the all-reduce
                     norm = self.step.ascend(loss)
             else:

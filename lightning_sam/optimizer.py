@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,8 +21,10 @@ __all__ = ["SAM"]
 
 _SAM_KEYS = ("rho", "adaptive", "eta", "perturb_eps")
 _DAVDA54_STATE = ("old_p", "e_w")  # what davda54/sam and pytorch_optimizer leave in ``state`` between steps
+_OURS = "sam."  # the variants' entries in a parameter's saved state
 
 NonFinite = Literal["skip", "raise", "unchecked"]
+_Group = tuple[dict[str, Any], list[Tensor], list[Tensor], bool]  # a group, its params with grads, grads, foreach
 
 
 def _is_number(value: Any) -> bool:
@@ -126,6 +129,13 @@ class SAM(Optimizer):
             summed (one all-reduce of a scalar each). Not for DDP (whose gradients are
             already whole on every rank) nor for FSDP2 or tensor parallelism (DTensor
             parameters are summed over their shards by themselves).
+        interval: SAM on every ``interval``-th step only, the base optimizer alone (one
+            pass) on the others (Composer's ``interval``).
+        start: The first step with SAM (late-phase SAM, Zhou et al. 2024: the base
+            optimizer alone before it): a step number, or a fraction in ``[0, 1)`` of
+            ``total_steps``.
+        total_steps: The length of the training in optimizer steps, for a fractional
+            ``start`` (``SAMMixin`` sets it from the Trainer's ``estimated_stepping_batches``).
         **base_kwargs: Arguments of the base optimizer (``lr``, ``momentum`` ...).
 
     Example:
@@ -154,6 +164,9 @@ class SAM(Optimizer):
         perturb_eps: float = 1e-12,
         foreach: bool | None = None,
         process_group: Any = None,
+        interval: int = 1,
+        start: int | float = 0,
+        total_steps: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
@@ -174,8 +187,13 @@ class SAM(Optimizer):
             base_kwargs["foreach"] = foreach
         sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta, "perturb_eps": perturb_eps}
         _validate_group({**sam_defaults, "params": []})
+        _validate_schedule(interval, start, total_steps)
         self._runtime = _Runtime()
         self.process_group = process_group
+        self.interval, self.start, self.total_steps = interval, start, total_steps
+        # The variants' tensors per parameter (kept apart from the base optimizer's state, which must start empty;
+        # saved in state_dict as "sam.<name>" entries of each parameter's state).
+        self.sam_state: defaultdict[Tensor, dict[str, Tensor]] = defaultdict(dict)
         super().__init__(params, {**sam_defaults, **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -215,31 +233,77 @@ class SAM(Optimizer):
         """True between ``first_step`` and the restore: the weights may be at ``w + e``."""
         return self._runtime.perturbed is not None
 
+    #: Variants whose state or update uses the first pass's gradient need it whole on every rank: under DDP
+    #: their ascent is global (``SAMStep`` and ``SAMMixin`` take the first pass through the synced backward).
+    ascent_must_be_global = False
+
+    @property
+    def steps_taken(self) -> int:
+        """The optimizer steps taken so far (saved in ``state_dict``, as ``sam_steps`` of each group)."""
+        return int(self.param_groups[0].get("sam_steps", 0))
+
     def ascent_due(self) -> bool:
         """Whether the coming step perturbs the weights (two passes) or not (one pass).
 
-        SAM always ascends; variants that ascend on some steps only override this, and
-        [`SAMStep`][lightning_sam.SAMStep] then runs a single pass on the others.
+        With the defaults SAM always ascends; ``interval`` and ``start`` make it ascend on
+        some steps only, and variants override this. [`SAMStep`][lightning_sam.SAMStep]
+        and ``step(closure)`` run a single pass on the other steps.
         """
-        return True
+        start = self.start
+        if isinstance(start, float):
+            if self.total_steps is None:
+                raise ValueError(
+                    f"start={start} is a fraction of the training's length: pass total_steps=... to SAM (SAMMixin "
+                    "sets it from the Trainer), or give start as a step number."
+                )
+            start = int(start * self.total_steps)
+        step = self.steps_taken
+        return step >= start and (step - start) % self.interval == 0
+
+    def perturb_before_forward(self) -> bool:
+        """For variants that perturb without a gradient (MSAM): move to ``w + e`` now; True if they did.
+
+        Called before the forward pass of a one-pass step; ``restore()`` after its backward.
+        """
+        return False
+
+    def _ascent_directions(self, groups: list[_Group]) -> list[list[Tensor]]:
+        """What each group's ascent follows: the gradient (variants: a function of it)."""
+        return [grads for _, _, grads, _ in groups]
+
+    def _radius(self, group: dict[str, Any]) -> float:
+        """The group's ascent radius for this step (variants: a schedule)."""
+        return float(group["rho"])
+
+    def _on_ascent(self, groups: list[_Group]) -> None:
+        """After the ascent, with the first pass's gradients in ``.grad`` (variants keep what they need)."""
+
+    def _descent_gradient(self) -> None:
+        """Before the base step, with the weights at ``w``: turn ``.grad`` into the update direction (variants)."""
+
+    def _advance(self) -> None:
+        """Count a step (whether it ran or was skipped), before its descent."""
+        for group in self.param_groups:
+            group["sam_steps"] = int(group.get("sam_steps", 0)) + 1
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
         """The global ``‖T g‖`` over all groups of the current gradients (0-dim tensor, no sync)."""
         return self._global_norm(self._groups_with_grads())
 
-    def _global_norm(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]) -> Tensor:
-        """``sqrt`` of the per-group ``‖T g‖²`` summed: the norm runs over all groups, each with its own ``T``."""
+    def _global_norm(self, groups: list[_Group], directions: list[list[Tensor]] | None = None) -> Tensor:
+        """``sqrt`` of the per-group ``‖T d‖²`` summed (``d``: the gradients, or ``directions``), over all groups."""
+        vectors = directions if directions is not None else [grads for _, _, grads, _ in groups]
         squares = [
-            grad_norm_squared(params, grads, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
-            for group, params, grads, foreach in groups
+            grad_norm_squared(params, d, adaptive=group["adaptive"], eta=group["eta"], foreach=foreach)
+            for (group, params, _, foreach), d in zip(groups, vectors, strict=True)
         ]
         total = torch.stack([s.to(squares[0].device) for s in squares]).sum() if squares else torch.zeros(())
         if self.process_group is not None:  # every rank joins, with or without gradients of its own
             torch.distributed.all_reduce(total, group=self.process_group)
         return total.sqrt()
 
-    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]:
+    def _groups_with_grads(self) -> list[_Group]:
         """Each group that has gradients: its parameters that have one, those gradients, and foreach or not."""
         groups = []
         for group in self.param_groups:
@@ -279,16 +343,25 @@ class SAM(Optimizer):
                 "the base optimizer's. Run the backward pass first; under DeepSpeed ZeRO the gradients live in its "
                 "own buffers, where SAM cannot see them (use DDP or FSDP2).",
             )
-        norm = self._global_norm(groups)
+        directions = self._ascent_directions(groups)
+        norm = self._perturb(groups, directions, [self._radius(group) for group, *_ in groups])
+        self._on_ascent(groups)
+        if zero_grad:
+            self.zero_grad()
+        return norm
+
+    def _perturb(self, groups: list[_Group], directions: list[list[Tensor]], radii: list[float]) -> Tensor:
+        """Save ``w`` and move to ``w + radius · T² d / (‖T d‖ + eps)``; nothing moves if the norm is not finite."""
+        norm = self._global_norm(groups, directions)
         runtime = self._runtime
         runtime.finite = bool(torch.isfinite(norm))  # the one host sync: never move w by a non-finite e
         perturbed = []
         if runtime.finite:
-            for group, params, grads, foreach in groups:
-                scale = group["rho"] / (norm + group["perturb_eps"])
+            for (group, params, _, foreach), d, radius in zip(groups, directions, radii, strict=True):
+                scale = radius / (norm + group["perturb_eps"])
                 backup = perturb_(
                     params,
-                    grads,
+                    d,
                     scale,
                     adaptive=group["adaptive"],
                     eta=group["eta"],
@@ -297,8 +370,6 @@ class SAM(Optimizer):
                 )
                 perturbed.append((params, backup, foreach))
         runtime.perturbed = perturbed
-        if zero_grad:
-            self.zero_grad()
         return norm
 
     @torch.no_grad()
@@ -327,6 +398,8 @@ class SAM(Optimizer):
                 "Call first_step() after the first backward pass, or use step(closure)."
             )
         self.restore()
+        self._advance()
+        self._descent_gradient()
         self._base_step()
         if zero_grad:
             self.zero_grad()
@@ -339,6 +412,8 @@ class SAM(Optimizer):
     def _descend(self) -> bool:
         """A driven step's end: the weights are at ``w``, ``.grad`` holds the SAM gradient."""
         self.restore()  # a no-op unless a pass was abandoned with the weights still perturbed
+        self._advance()
+        self._descent_gradient()
         runtime = self._runtime
         if runtime.nonfinite != "unchecked" and not self._grads_finite():
             runtime.skipped_steps += 1
@@ -407,6 +482,11 @@ class SAM(Optimizer):
                 )
             self.second_step()
             return None
+        if not self.is_perturbed and not self.ascent_due():  # a one-pass step: the gradient at w is the one
+            self._advance()
+            self._descent_gradient()
+            self._base_step()
+            return None
         if not self.is_perturbed:
             self.first_step(zero_grad=True)
         try:
@@ -438,11 +518,50 @@ class SAM(Optimizer):
             merged = {**{k: current[k] for k in _SAM_KEYS}, **saved}
             _validate_group({**merged, "params": current["params"]})
             groups.append(merged)
-        state = {
-            key: {k: v for k, v in value.items() if k not in _DAVDA54_STATE} if isinstance(value, dict) else value
-            for key, value in state_dict.get("state", {}).items()
-        }
+        state: dict[Any, Any] = {}
+        ours: dict[Any, dict[str, Tensor]] = {}
+        for key, value in state_dict.get("state", {}).items():
+            if not isinstance(value, dict):
+                state[key] = value
+                continue
+            if extra := {k[len(_OURS) :]: v for k, v in value.items() if k.startswith(_OURS)}:
+                ours[key] = extra
+            if base := {k: v for k, v in value.items() if not k.startswith(_OURS) and k not in _DAVDA54_STATE}:
+                state[key] = base  # an empty entry is left out: the base optimizer initializes its own state
         super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.sam_state.clear()  # the same dict: optimizer wrappers hold it too
+        for index, extra in ours.items():
+            p = params[index]
+            local = p.to_local() if hasattr(p, "to_local") else p
+            self.sam_state[p] = {k: v.to(local.device) for k, v in extra.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and SAM's settings, with the variants' state as ``sam.*`` entries."""
+        packed = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for p, extra in self.sam_state.items():
+            if extra:
+                i = index[id(p)]
+                packed["state"][i] = {**packed["state"].get(i, {}), **{_OURS + k: v for k, v in extra.items()}}
+        return packed
+
+
+def _validate_schedule(interval: Any, start: Any, total_steps: Any) -> None:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"Invalid interval: {interval!r}. SAM runs on every interval-th step: an integer >= 1.")
+    valid_start = (isinstance(start, int) and not isinstance(start, bool) and start >= 0) or (
+        isinstance(start, float) and 0.0 <= start < 1.0
+    )
+    if not valid_start:
+        raise ValueError(
+            f"Invalid start: {start!r}. The first step with SAM: a step number >= 0, or a fraction in [0, 1) of "
+            "total_steps (0.7: SAM for the last 30% of the training)."
+        )
+    if total_steps is not None and (
+        isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+    ):
+        raise ValueError(f"Invalid total_steps: {total_steps!r}. The training's length in optimizer steps, >= 1.")
 
 
 def _warn_once(runtime: _Runtime, key: str, message: str) -> None:

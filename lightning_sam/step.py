@@ -88,7 +88,7 @@ class SAMStep:
     [`second_forward`][lightning_sam.SAMStep.second_forward],
     [`second_backward`][lightning_sam.SAMStep.second_backward]. A step may also take one
     pass: when the optimizer's ``ascent_due()`` is False, ``run`` back-propagates the
-    loss at ``w`` alone.
+    loss at ``w`` alone (or, for MSAM, at a point the optimizer chose before the forward).
 
     All state between batches lives in the gradients and the optimizer's ``state_dict``;
     a step keeps its own (random state, the gradients set aside) only until it ends.
@@ -109,7 +109,8 @@ class SAMStep:
             reentrant gradient checkpointing (``use_reentrant=True``) and FSDP1 need.
             Sharded (DTensor) parameters, as FSDP2 and tensor parallelism make them, always
             take the first pass through ``backward`` (FSDP2 reduce-scatters it): under
-            sharding the ascent is global.
+            sharding the ascent is global. So do the variants whose state uses the first
+            pass's gradient (``ascent_must_be_global``: LookSAM, GSAM, FriendlySAM).
         same_randomness: Replay the first pass's random state in the second.
         nonfinite: What ``optimizer.step()`` does with a non-finite gradient: ``"skip"``
             with a ``RuntimeWarning``, or ``"raise"`` ``FloatingPointError``.
@@ -155,11 +156,13 @@ class SAMStep:
         self.backward = backward if backward is not None else Tensor.backward
         self.ascent_backward = ascent_backward
         self.sharded = any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+        self.global_ascent = self.sharded or optimizer.ascent_must_be_global
         self.same_randomness = same_randomness
         optimizer._runtime.driven = True
         optimizer._runtime.nonfinite = nonfinite
         self.stats: dict[str, Tensor] = {}
         self.ascending = True
+        self.pre_perturbed = False
         self._rng_before: RngState | None = None
         self._finite = True
         self._batchnorm: _BatchNormSnapshot | None = None
@@ -175,11 +178,15 @@ class SAMStep:
             The loss at ``w`` (detached).
         """
         self.begin()
-        loss = loss_fn()
         if not self.ascending:
-            self.backward(loss)
+            try:
+                loss = loss_fn()
+                self.backward(loss)
+            finally:
+                self.end_one_pass()
             self.stats = {"loss": loss.detach()}
             return loss.detach()
+        loss = loss_fn()
         norm = self.ascend(loss)
         perturbed_loss = self.second_forward(loss_fn)
         self.second_backward(perturbed_loss)
@@ -193,9 +200,20 @@ class SAMStep:
         return loss
 
     def begin(self) -> None:
-        """Start a micro-batch, before its first forward: decide one pass or two, note the random state."""
+        """Start a micro-batch, before its first forward: decide one pass or two, note the random state.
+
+        On a one-pass step a variant that perturbs without a gradient (MSAM) moves the
+        weights now; [`end_one_pass`][lightning_sam.SAMStep.end_one_pass] puts them back.
+        """
         self.ascending = self.optimizer.ascent_due()
         self._rng_before = rng_state() if self.ascending and self.same_randomness else None
+        self.pre_perturbed = not self.ascending and self.optimizer.perturb_before_forward()
+
+    def end_one_pass(self) -> None:
+        """After a one-pass step's backward: the weights back at ``w`` (bitwise), if they were moved."""
+        if self.pre_perturbed:
+            self.optimizer.restore()
+            self.pre_perturbed = False
 
     def ascend(self, loss: Tensor) -> Tensor:
         """Take the gradient of the loss at ``w`` on its own and move to ``w + e``; returns the norm that scaled ``e``.
@@ -210,7 +228,7 @@ class SAMStep:
         try:
             for p in params:
                 p.grad = None
-            if self.ascent_backward is None and not self.sharded:
+            if self.ascent_backward is None and not self.global_ascent:
                 trainable = [p for p in params if p.requires_grad]
                 grads = torch.autograd.grad(loss, trainable, allow_unused=True)
                 if trainable and all(g is None for g in grads):

@@ -1,0 +1,347 @@
+"""The SAM variants against references written plainly from their papers (float64), and through SAMMixin."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytorch_optimizer
+import torch
+from test_optimizer import BASES, flat, loss_at, make_batches, make_mlp, param_groups
+from torch import nn
+
+from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMStep
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+STEPS = 12
+
+
+# The references: one function per paper, on a list of parameter groups (each with its rho), global norms ----------
+
+
+def grads_at(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss_at(model, batch), list(model.parameters())))
+
+
+def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+
+
+def rhos(groups: list[dict[str, Any]]) -> list[float]:
+    """Each parameter's rho, in model.parameters() order."""
+    return [group["rho"] for group in groups for _ in group["params"]]
+
+
+def grads_at_perturbed(
+    model: nn.Module, batch: Batch, direction: list[torch.Tensor], radii: list[float]
+) -> list[torch.Tensor]:
+    """The gradient at w + rho · d / ‖d‖ (global norm, each parameter its group's rho); w put back."""
+    params = list(model.parameters())
+    norm = global_dot(direction, direction).sqrt()
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d, rho in zip(params, direction, radii, strict=True):
+            p.add_(rho * d / (norm + 1e-12))
+    g = grads_at(model, batch)
+    with torch.no_grad():
+        for p, w in zip(params, saved, strict=True):
+            p.copy_(w)
+    return g
+
+
+def base_step(base: torch.optim.Optimizer, model: nn.Module, grads: list[torch.Tensor]) -> None:
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g
+    base.step()
+
+
+def sam_reference(model: nn.Module, base: torch.optim.Optimizer, radii: list[float], batch: Batch) -> None:
+    base_step(base, model, grads_at_perturbed(model, batch, grads_at(model, batch), radii))
+
+
+def run_interval_reference(
+    model: nn.Module, base: torch.optim.Optimizer, radii: list[float], interval: int, start: int
+) -> None:
+    for t, batch in enumerate(make_batches(STEPS)):
+        if t >= start and (t - start) % interval == 0:
+            sam_reference(model, base, radii, batch)
+        else:
+            base_step(base, model, grads_at(model, batch))
+
+
+def run_looksam_reference(
+    model: nn.Module, base: torch.optim.Optimizer, radii: list[float], k: int, alpha: float
+) -> None:
+    """Liu et al. 2022, Algorithm 1: g_v from every k-th SAM step, reused in between."""
+    g_v: list[torch.Tensor] = []
+    for t, batch in enumerate(make_batches(STEPS)):
+        g = grads_at(model, batch)
+        if t % k == 0:
+            g_s = grads_at_perturbed(model, batch, g, radii)
+            c = global_dot(g_s, g) / global_dot(g, g)
+            g_v = [s - c * x for s, x in zip(g_s, g, strict=True)]
+            base_step(base, model, g_s)
+        else:
+            scale = alpha * global_dot(g, g).sqrt() / global_dot(g_v, g_v).sqrt()
+            base_step(base, model, [x + scale * v for x, v in zip(g, g_v, strict=True)])
+
+
+def run_gsam_reference(model: nn.Module, base: torch.optim.Optimizer, radii: list[float], alpha: float) -> None:
+    """Zhuang et al. 2022, Algorithm 1: descend ∇f_p and the surrogate gap (∇f's part orthogonal to ∇f_p)."""
+    for batch in make_batches(STEPS):
+        g = grads_at(model, batch)
+        g_p = grads_at_perturbed(model, batch, g, radii)
+        c = global_dot(g, g_p) / global_dot(g_p, g_p)
+        base_step(base, model, [p - alpha * (x - c * p) for p, x in zip(g_p, g, strict=True)])
+
+
+def run_fsam_reference(
+    model: nn.Module, base: torch.optim.Optimizer, radii: list[float], sigma: float, lmbda: float
+) -> None:
+    """Li et al. 2024: ascend along g − sigma · m, m the moving average of the gradients (updated after its use)."""
+    m: list[torch.Tensor] | None = None
+    for batch in make_batches(STEPS):
+        g = grads_at(model, batch)
+        if m is None:
+            direction, m = g, [x.clone() for x in g]
+        else:
+            direction = [x - sigma * mi for x, mi in zip(g, m, strict=True)]
+            m = [lmbda * mi + (1 - lmbda) * x for mi, x in zip(m, g, strict=True)]
+        base_step(base, model, grads_at_perturbed(model, batch, direction, radii))
+
+
+def run_msam_reference(model: nn.Module, base: torch.optim.Optimizer, radii: list[float]) -> None:
+    """Becker et al. 2024: the gradient at w − rho · v / ‖v‖, v the base optimizer's momentum; one pass per step."""
+    params = list(model.parameters())
+    for batch in make_batches(STEPS):
+        v = [base.state[p].get("momentum_buffer", base.state[p].get("exp_avg")) for p in params]
+        if v[0] is None:
+            base_step(base, model, grads_at(model, batch))
+        else:
+            base_step(base, model, grads_at_perturbed(model, batch, [-x for x in v], radii))
+
+
+# Ours, driven by SAMStep ------------------------------------------------------------------------------------------
+
+
+def run_ours(opt: SAM, model: nn.Module) -> list[int]:
+    """Every step through SAMStep; returns how many forward passes each took."""
+    step = SAMStep(opt, model)
+    passes = []
+    for batch in make_batches(STEPS):
+        calls: list[int] = []
+
+        def loss_fn(batch: Batch = batch, calls: list[int] = calls) -> torch.Tensor:
+            calls.append(1)
+            return loss_at(model, batch)
+
+        step.run(loss_fn)
+        opt.step()
+        opt.zero_grad()
+        passes.append(len(calls))
+    return passes
+
+
+VariantCase = tuple[Callable[..., SAM], dict[str, Any], Callable[..., None], dict[str, Any]]
+CASES: dict[str, VariantCase] = {
+    "interval_3": (SAM, {"interval": 3}, run_interval_reference, {"interval": 3, "start": 0}),
+    "late_phase": (SAM, {"start": 7}, run_interval_reference, {"interval": 1, "start": 7}),
+    "late_phase_fraction": (
+        SAM,
+        {"start": 0.5, "total_steps": STEPS},
+        run_interval_reference,
+        {"interval": 1, "start": 6},
+    ),
+    "looksam": (LookSAM, {"k": 4, "alpha": 0.7}, run_looksam_reference, {"k": 4, "alpha": 0.7}),
+    "gsam": (GSAM, {"alpha": 0.2}, run_gsam_reference, {"alpha": 0.2}),
+    "friendly_sam": (FriendlySAM, {"sigma": 1.0, "lmbda": 0.6}, run_fsam_reference, {"sigma": 1.0, "lmbda": 0.6}),
+    "msam": (MSAM, {}, run_msam_reference, {}),
+}
+
+
+@pytest.mark.parametrize("base_name", sorted(BASES))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_variant_equals_its_paper(case: str, base_name: str) -> None:
+    cls, kwargs, reference, reference_kwargs = CASES[case]
+    base_cls, base_kwargs = BASES[base_name]
+    if cls is MSAM and base_cls is torch.optim.SGD:
+        base_kwargs = {**base_kwargs, "momentum": 0.9}
+
+    model = make_mlp()
+    groups = param_groups(model, adaptive=False)
+    opt = cls(groups, base_cls, **kwargs, **base_kwargs)
+    passes = run_ours(opt, model)
+
+    expected = make_mlp()
+    expected_groups = param_groups(expected, adaptive=False)
+    reference(expected, base_cls(expected_groups, **base_kwargs), rhos(expected_groups), **reference_kwargs)
+
+    assert not torch.equal(flat(model), flat(make_mlp())), "training moved the weights"
+    torch.testing.assert_close(flat(model), flat(expected), rtol=0, atol=1e-10)  # float64; eps=1e-12 in our norms
+    assert opt.steps_taken == STEPS
+    expected_passes = {
+        "interval_3": [2, 1, 1] * 4,
+        "late_phase": [1] * 7 + [2] * 5,
+        "late_phase_fraction": [1] * 6 + [2] * 6,
+        "looksam": [2, 1, 1, 1] * 3,
+        "gsam": [2] * STEPS,
+        "friendly_sam": [2] * STEPS,
+        "msam": [1] * STEPS,
+    }[case]
+    assert passes == expected_passes, "as many forward passes as the step needs, never more"
+
+
+def test_the_variants_are_not_sam() -> None:
+    """Each reference is its own update: the tests above check something."""
+    base_cls, base_kwargs = BASES["sgd"]
+    finals = {}
+    for name, (_, _, reference, reference_kwargs) in CASES.items():
+        model = make_mlp()
+        groups = param_groups(model, adaptive=False)
+        kwargs = {**base_kwargs, "momentum": 0.9} if name == "msam" else base_kwargs
+        reference(model, base_cls(groups, **kwargs), rhos(groups), **reference_kwargs)
+        finals[name] = flat(model)
+    sam = make_mlp()
+    groups = param_groups(sam, adaptive=False)
+    run_interval_reference(sam, base_cls(groups, **base_kwargs), rhos(groups), interval=1, start=0)
+    for name, final in finals.items():
+        assert not torch.allclose(final, flat(sam), rtol=0, atol=1e-6), name
+
+
+def test_davda54_step_with_a_closure_skips_the_second_pass_on_one_pass_steps() -> None:
+    model = make_mlp()
+    opt = SAM(param_groups(model, adaptive=False), torch.optim.SGD, interval=3, lr=0.05, momentum=0.9)
+    calls = []
+    for batch in make_batches(STEPS):
+
+        def closure(batch: Batch = batch) -> torch.Tensor:
+            calls.append(1)
+            opt.zero_grad()
+            loss = loss_at(model, batch)
+            loss.backward()
+            return loss
+
+        closure()
+        opt.step(closure)
+    expected = make_mlp()
+    groups = param_groups(expected, adaptive=False)
+    run_interval_reference(expected, torch.optim.SGD(groups, lr=0.05, momentum=0.9), rhos(groups), 3, 0)
+    torch.testing.assert_close(flat(model), flat(expected), rtol=0, atol=1e-12)
+    assert len(calls) == STEPS + STEPS // 3
+
+
+def test_gsam_rho_follows_the_learning_rate() -> None:
+    model = make_mlp()
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.02, lr=0.4)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    radii = []
+    for _ in range(3):
+        radii.append(opt._radius(opt.param_groups[0]))
+        opt._advance()
+        opt._base_step()
+        schedule.step()
+    assert radii == pytest.approx([0.1, 0.02 + 0.08 * 0.5, 0.02 + 0.08 * 0.25])
+
+
+# Against pytorch_optimizer ----------------------------------------------------------------------------------------
+
+
+def run_pytorch_optimizer(opt: Any, model: nn.Module) -> None:
+    for batch in make_batches(STEPS):
+        opt.zero_grad()
+        loss_at(model, batch).backward()
+        opt.first_step(zero_grad=True)
+        loss_at(model, batch).backward()
+        opt.second_step(zero_grad=True)
+
+
+def test_friendly_sam_equals_pytorch_optimizer() -> None:
+    ours, theirs = make_mlp(), make_mlp()
+    run_ours(FriendlySAM(ours.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9), ours)
+    opt = pytorch_optimizer.FriendlySAM(theirs.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
+    run_pytorch_optimizer(opt, theirs)
+    torch.testing.assert_close(flat(ours), flat(theirs), rtol=0, atol=1e-9)
+
+
+def test_pytorch_optimizers_looksam_projects_each_tensor_apart_not_the_whole_gradient() -> None:
+    """The paper decomposes the whole gradient; pytorch_optimizer does it per tensor. One tensor: the same update."""
+
+    def run_both(make: Callable[[], nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+        ours, theirs = make(), make()
+        run_ours(LookSAM(ours.parameters(), torch.optim.SGD, rho=0.05, k=3, alpha=0.7, lr=0.05), ours)
+        opt = pytorch_optimizer.LookSAM(theirs.parameters(), torch.optim.SGD, rho=0.05, k=3, alpha=0.7, lr=0.05)
+        run_pytorch_optimizer(opt, theirs)
+        return flat(ours), flat(theirs)
+
+    class OneTensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.weight = nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x @ self.weight.T)
+
+    ours, theirs = run_both(OneTensor)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)  # their 1e-8 in a norm aside
+    ours, theirs = run_both(make_mlp)
+    assert not torch.allclose(ours, theirs, rtol=0, atol=1e-6)
+
+
+# Checkpoints, bad input --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["looksam", "friendly_sam", "msam", "late_phase", "gsam"])
+def test_state_dict_resumes_each_variant_bitwise(case: str) -> None:
+    cls, kwargs, _, _ = CASES[case]
+    base = {"lr": 0.05, "momentum": 0.9}
+    batches = make_batches(STEPS)
+
+    def train(opt: SAM, model: nn.Module, some: list[Batch]) -> None:
+        step = SAMStep(opt, model)
+        for batch in some:
+            step.run(lambda batch=batch: loss_at(model, batch))
+            opt.step()
+            opt.zero_grad()
+
+    uninterrupted = make_mlp()
+    train(cls(uninterrupted.parameters(), torch.optim.SGD, **kwargs, **base), uninterrupted, batches)
+
+    first = make_mlp()
+    opt = cls(first.parameters(), torch.optim.SGD, **kwargs, **base)
+    train(opt, first, batches[:5])
+    checkpoint = copy.deepcopy({"model": first.state_dict(), "opt": opt.state_dict()})
+    resumed = make_mlp(seed=3)
+    resumed.load_state_dict(checkpoint["model"])
+    opt = cls(resumed.parameters(), torch.optim.SGD, **kwargs, **base)
+    opt.load_state_dict(checkpoint["opt"])
+    train(opt, resumed, batches[5:])
+    assert torch.equal(flat(resumed), flat(uninterrupted))
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda p: SAM(p, torch.optim.SGD, interval=0, lr=0.1), "interval"),
+        (lambda p: SAM(p, torch.optim.SGD, start=1.5, lr=0.1), "start"),
+        (lambda p: SAM(p, torch.optim.SGD, start=-1, lr=0.1), "start"),
+        (lambda p: SAM(p, torch.optim.SGD, total_steps=0, lr=0.1), "total_steps"),
+        (lambda p: LookSAM(p, torch.optim.SGD, k=0, lr=0.1), "k"),
+        (lambda p: LookSAM(p, torch.optim.SGD, alpha=-1.0, lr=0.1), "alpha"),
+        (lambda p: GSAM(p, torch.optim.SGD, rho=0.05, rho_min=0.1, lr=0.1), "rho_min"),
+        (lambda p: FriendlySAM(p, torch.optim.SGD, lmbda=1.5, lr=0.1), "lmbda"),
+        (lambda p: FriendlySAM(p, torch.optim.SGD, sigma=True, lr=0.1), "sigma"),
+        (lambda p: MSAM(p, torch.optim.SGD, lr=0.1), "momentum > 0"),
+    ],
+)
+def test_bad_arguments_raise_value_error(build: Callable[[Any], SAM], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build([nn.Parameter(torch.ones(2))])
+
+
+def test_a_fractional_start_needs_the_length_of_the_training() -> None:
+    opt = SAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, start=0.5, lr=0.1)
+    with pytest.raises(ValueError, match="total_steps"):
+        opt.ascent_due()
