@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_sam import sharpness
 from lightning_sam._compat import lightning_logging_step, lightning_logs_this_batch
 from lightning_sam._observe import loss_in, observing
-from lightning_sam.measures import MEASURES, FixedBatch, TrainingStep, Unavailable
+from lightning_sam.measures import MEASURES, FixedBatch, NotThisStep, TrainingStep, Unavailable
 from lightning_sam.step import rng_state, set_rng_state
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_landscape
 
@@ -383,6 +383,8 @@ class SharpnessMonitor(Callback):
             yield
         except Unavailable as reason:
             self._warn_once(name, f"SharpnessMonitor: {name} is skipped: {reason}")
+        except NotThisStep:
+            pass
 
     @contextmanager
     def _measuring(

@@ -21,13 +21,17 @@ from lightning_sam import sharpness
 from lightning_sam.functional import grad_norm_squared, perturb_, restore_
 from lightning_sam.optimizer import SAM
 
-__all__ = ["MEASURES", "FixedBatch", "Measure", "TrainingStep", "Unavailable"]
+__all__ = ["MEASURES", "FixedBatch", "Measure", "NotThisStep", "TrainingStep", "Unavailable"]
 
 LossFn = Callable[[], Tensor]
 
 
 class Unavailable(Exception):
     """A measure that cannot be computed for this run (the message says why); it is skipped with one warning."""
+
+
+class NotThisStep(Exception):
+    """A measure that this step does not have (a one-pass step has no first_order); skipped without a word."""
 
 
 @dataclass
@@ -80,7 +84,7 @@ def _first_order(step: TrainingStep) -> Tensor:
     """``L(w + e) − L(w)`` with ``e = rho·g/‖g‖`` on the training batch; free from a SAM module's own step."""
     if step.sam_stats is not None:
         if "first_order_sharpness" not in step.sam_stats:
-            raise Unavailable("this step did not perturb the weights (a one-pass step), so it has no first_order.")
+            raise NotThisStep  # a one-pass step of a variant: nothing to report, nothing to invent
         return step.sam_stats["first_order_sharpness"]
     if not step.params:
         raise Unavailable("no parameter has a gradient.")

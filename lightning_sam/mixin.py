@@ -178,15 +178,16 @@ class _LightningSAM:
     def __init__(self, module: pl.LightningModule, settings: SAMMixin, optimizer: SAM) -> None:
         self.module, self.settings = module, settings
         trainer = module.trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.step = SAMStep(
             optimizer,
             module,
             ascent_backward=Tensor.backward if settings.sam_sync_ascent else None,  # SAMStep knows when it must
+            scaler=self.scaler,
             same_randomness=settings.sam_same_randomness,
             nonfinite=settings.sam_nonfinite,
         )
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         if self.scaler is not None:  # the GradScaler finds and skips non-finite steps itself
             optimizer._runtime.nonfinite = "unchecked"
         self.iterates = is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
@@ -245,15 +246,14 @@ class _LightningSAM:
         try:
             if ddp is not None and self.sync_ascent and not ddp.require_backward_grad_sync:
                 with _sync_enabled(ddp, loss):  # inside an accumulation window Lightning paused the all-reduce
-                    norm = self.step.ascend(loss)
+                    norm = self.step.ascend(loss, scaled=True)
             else:
-                norm = self.step.ascend(loss)
+                norm = self.step.ascend(loss, scaled=True)  # the precision plugin scaled it
         finally:
             self._resume_sync()
         with self._second_pass(), observing(self.module, batchnorm=False):
             perturbed = self.step.second_forward(lambda: _loss_of(trainer.strategy.training_step(*args, **kwargs)))
-        scaled = perturbed / trainer.accumulate_grad_batches
-        self.step.second_backward(self.scaler.scale(scaled) if self.scaler is not None else scaled, backward)
+        self.step.second_backward(perturbed / trainer.accumulate_grad_batches, backward)  # SAMStep scales it
         unscale = trainer.accumulate_grad_batches / (self.scaler.get_scale() if self.scaler is not None else 1.0)
         self.settings.sam_stats = {
             "loss": raw_loss,

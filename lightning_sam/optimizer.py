@@ -66,6 +66,7 @@ class _Runtime:
     nonfinite: NonFinite = "skip"
     skipped_steps: int = 0
     warned: set[str] = field(default_factory=set)
+    grad_scale: float = 1.0
 
     def buffers_for(self, params: list[Tensor]) -> list[Tensor]:
         """The saved-weights buffer of each parameter (of its local shard), allocated once and reused every step."""
@@ -236,6 +237,9 @@ class SAM(Optimizer):
     #: Variants whose state or update uses the first pass's gradient need it whole on every rank: under DDP
     #: their ascent is global (``SAMStep`` and ``SAMMixin`` take the first pass through the synced backward).
     ascent_must_be_global = False
+    #: Variants that compute the update direction themselves: the finiteness check runs on it even when a
+    #: GradScaler already checked the gradient it came from.
+    changes_the_descent = False
 
     @property
     def steps_taken(self) -> int:
@@ -313,7 +317,7 @@ class SAM(Optimizer):
         return groups
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> Tensor:
+    def first_step(self, zero_grad: bool = False, grad_scale: float = 1.0) -> Tensor:
         """Save the weights and move them to ``w + e`` along the current gradients.
 
         Parameters without a gradient are left where they are. If the norm of the
@@ -321,6 +325,9 @@ class SAM(Optimizer):
 
         Args:
             zero_grad: Clear the gradients afterwards, ready for the second backward.
+            grad_scale: The factor the gradients carry (a GradScaler's scale). SAM's
+                perturbation does not depend on it; the variants that keep the gradient
+                (LookSAM, GSAM, FriendlySAM) divide it out.
 
         Returns:
             The global norm ``‖T g‖`` that scaled the perturbation (a 0-dim tensor).
@@ -343,6 +350,7 @@ class SAM(Optimizer):
                 "the base optimizer's. Run the backward pass first; under DeepSpeed ZeRO the gradients live in its "
                 "own buffers, where SAM cannot see them (use DDP or FSDP2).",
             )
+        self._runtime.grad_scale = grad_scale
         directions = self._ascent_directions(groups)
         norm = self._perturb(groups, directions, [self._radius(group) for group, *_ in groups])
         self._on_ascent(groups)
@@ -415,7 +423,7 @@ class SAM(Optimizer):
         self._advance()
         self._descent_gradient()
         runtime = self._runtime
-        if runtime.nonfinite != "unchecked" and not self._grads_finite():
+        if (runtime.nonfinite != "unchecked" or self.changes_the_descent) and not self._grads_finite():
             runtime.skipped_steps += 1
             message = (
                 "SAM: the gradient is not finite (a NaN/inf loss or gradient in one of the passes); the step was "

@@ -100,6 +100,10 @@ class SAMStep:
         backward: Back-propagates the second pass's loss into ``.grad`` (default
             ``loss.backward()``); e.g. ``fabric.backward`` or
             ``lambda loss: scaler.scale(loss).backward()``.
+        scaler: A ``torch.amp.GradScaler`` for fp16: both passes' losses are scaled by it
+            (pass the plain ``backward``), and the optimizer learns the scale (the variants
+            that keep the gradient divide it out); then ``scaler.step(optimizer)`` and
+            ``scaler.update()``.
         ascent_backward: How the first pass's loss becomes the ascent direction. None
             (the default): ``torch.autograd.grad``, which leaves ``.grad`` and every
             hook alone, so that on DDP each device ascends with its own gradient, with no
@@ -137,6 +141,7 @@ class SAMStep:
         *,
         backward: Callable[[Tensor], Any] | None = None,
         ascent_backward: Callable[[Tensor], Any] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         same_randomness: bool = True,
         nonfinite: Literal["skip", "raise"] = "skip",
     ) -> None:
@@ -153,6 +158,7 @@ class SAMStep:
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}.")
         self.optimizer = optimizer
         self.module = module
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.backward = backward if backward is not None else Tensor.backward
         self.ascent_backward = ascent_backward
         self.sharded = any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
@@ -181,7 +187,7 @@ class SAMStep:
         if not self.ascending:
             try:
                 loss = loss_fn()
-                self.backward(loss)
+                self.backward(self._scaled(loss))
             finally:
                 self.end_one_pass()
             self.stats = {"loss": loss.detach()}
@@ -195,7 +201,7 @@ class SAMStep:
             "loss": loss,
             "perturbed_loss": perturbed_loss,
             "first_order_sharpness": perturbed_loss - loss,
-            "grad_norm": norm,
+            "grad_norm": norm / (self.scaler.get_scale() if self.scaler is not None else 1.0),
         }
         return loss
 
@@ -215,14 +221,20 @@ class SAMStep:
             self.optimizer.restore()
             self.pre_perturbed = False
 
-    def ascend(self, loss: Tensor) -> Tensor:
+    def ascend(self, loss: Tensor, *, scaled: bool = False) -> Tensor:
         """Take the gradient of the loss at ``w`` on its own and move to ``w + e``; returns the norm that scaled ``e``.
 
         Args:
-            loss: The first pass's loss (scaled, or divided by the accumulation steps,
-                is fine: the direction is the same).
+            loss: The first pass's loss (divided by the accumulation steps is fine: the
+                direction is the same).
+            scaled: The loss is already multiplied by the scaler's scale (Lightning's
+                precision plugin does that).
+
+        Returns:
+            The norm of the gradient that set ``e``, in the scaler's units when there is one.
         """
         sam = self.optimizer
+        loss = loss if scaled else self._scaled(loss)
         params = [p for group in sam.param_groups for p in group["params"]]
         aside = [p.grad for p in params]  # the gradients accumulated so far wait outside the first pass
         try:
@@ -241,7 +253,7 @@ class SAMStep:
                     p.grad = g
             else:
                 (self.ascent_backward or self.backward)(loss)
-            norm = sam.first_step()
+            norm = sam.first_step(grad_scale=self.scaler.get_scale() if self.scaler is not None else 1.0)
         finally:
             for p, g in zip(params, aside, strict=True):
                 p.grad = g
@@ -272,9 +284,12 @@ class SAMStep:
         try:
             if not self._finite:  # the step must be skipped: a NaN gradient says so to every rank and to a scaler
                 loss = loss * math.nan
-            (backward or self.backward)(loss)
+            (backward or self.backward)(self._scaled(loss))
         finally:
             self._end()
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def _end(self) -> None:
         """Weights back to ``w`` and BatchNorm statistics as the first pass left them."""

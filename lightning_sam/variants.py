@@ -36,13 +36,18 @@ class _KeepsFirstGradient(SAM):
     """Keeps the first passes' gradient of an ascending step (summed over micro-batches) until its descent."""
 
     ascent_must_be_global = True
+    changes_the_descent = True
     _key = "first_grad"
 
     def _on_ascent(self, groups: list[_Group]) -> None:
+        unscale = 1.0 / self._runtime.grad_scale  # in the units of the gradient the base optimizer will see
         for _, params, grads, _ in groups:
             for p, g in zip(params, grads, strict=True):
                 kept = self.sam_state[p].get(self._key)
-                self.sam_state[p][self._key] = g.detach().clone() if kept is None else kept.add_(g)
+                if kept is None:
+                    self.sam_state[p][self._key] = g.detach() * unscale
+                else:
+                    kept.add_(g, alpha=unscale)
 
     def _take_first_gradients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
         """Params with a gradient and a kept first gradient: (params, second grads, first grads); None if none."""
@@ -254,17 +259,18 @@ class FriendlySAM(SAM):
 
     @torch.no_grad()
     def _ascent_directions(self, groups: list[_Group]) -> list[list[Tensor]]:
+        unscale = 1.0 / self._runtime.grad_scale  # the moving average is of unscaled gradients
         directions = []
         for _, params, grads, _ in groups:
             group_directions = []
             for p, g in zip(params, grads, strict=True):
                 m = self.sam_state[p].get("fsam_m")
                 if m is None:
-                    self.sam_state[p]["fsam_m"] = g.detach().clone()
+                    self.sam_state[p]["fsam_m"] = g.detach() * unscale
                     group_directions.append(g)
                 else:
-                    group_directions.append(g - self.sigma * m)
-                    m.mul_(self.lmbda).add_(g, alpha=1 - self.lmbda)
+                    group_directions.append(g * unscale - self.sigma * m)
+                    m.mul_(self.lmbda).add_(g, alpha=(1 - self.lmbda) * unscale)
             directions.append(group_directions)
         return directions
 

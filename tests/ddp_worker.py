@@ -17,7 +17,7 @@ from helpers import Net, SAMNet, dataset, flat_params, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_sam import SAM, SAMStep, SharpnessMonitor
+from lightning_sam import SAM, LookSAM, SAMStep, SharpnessMonitor
 from lightning_sam.measures import MEASURES
 
 # mode -> (sam_sync_ascent, accumulate_grad_batches)
@@ -58,6 +58,13 @@ class NaNOnRankOne(SAMNet):
         if batch_idx == 2 and self.global_rank == 1 and not self.sam_second_pass:
             loss = loss * math.nan
         return loss
+
+
+class LookSAMNet(SAMNet):
+    """LookSAM (k=2): its kept direction needs the global first gradient, so the ascent is synced by itself."""
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return LookSAM(self.parameters(), torch.optim.SGD, rho=0.05, k=2, lr=0.1, momentum=0.9)
 
 
 class RecordingMonitor(SharpnessMonitor):
@@ -121,6 +128,7 @@ def run(mode: str, out_dir: Path) -> None:
         "nan_on_rank_one": (NaNOnRankOne, "ddp"),
         "automatic": (Net, "ddp"),
         "rho_zero": (SAMNet, "ddp"),
+        "looksam": (LookSAMNet, "ddp"),
     }
     module_cls, strategy = modules.get(mode, (SAMNet, "ddp"))
     model = module_cls(rho=0.0) if mode == "rho_zero" else module_cls()

@@ -14,6 +14,8 @@ from ddp_worker import SAM_MODES
 from helpers import Net, dataset, flat_params
 from torch import nn
 
+from lightning_sam import LookSAM, SAMStep
+
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 RHO, WORLD = 0.05, 2
@@ -25,6 +27,7 @@ ALL_MODES = [
     "automatic",
     "rho_zero",
     "monitor",
+    "looksam",
     "plain_loop",  # last: it runs in the process group that the fits made
 ]
 
@@ -189,6 +192,25 @@ def test_sam_step_in_a_plain_ddp_loop_ascends_per_device(ddp_runs: Path) -> None
     for step, (p0, p1, ref) in enumerate(zip(*(r["trajectory"] for r in ranks), reference(False, 1), strict=True)):
         assert torch.equal(p0, p1), f"ranks differ after batch {step}"
         torch.testing.assert_close(p0, ref, rtol=0, atol=1e-5, msg=f"after batch {step}")
+
+
+def test_looksam_ascends_globally_and_equals_one_process_on_the_concatenated_batch(ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, "looksam")
+    torch.manual_seed(0)
+    model = Net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=2, lr=0.1, momentum=0.9)
+    step = SAMStep(opt, model)
+    per_rank = [rank_batches(r) for r in range(WORLD)]
+    expected = []
+    for (x0, y0), (x1, y1) in zip(*per_rank, strict=True):
+        x, y = torch.cat([x0, x1]), torch.cat([y0, y1])
+        step.run(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        opt.zero_grad()
+        expected.append(flat_params(model).clone())
+    for i, (p0, p1, ref) in enumerate(zip(ranks[0]["trajectory"], ranks[1]["trajectory"], expected, strict=True)):
+        assert torch.equal(p0, p1), f"ranks differ after batch {i}"
+        torch.testing.assert_close(p0, ref, rtol=0, atol=1e-5, msg=f"after batch {i}")
 
 
 def test_per_device_and_synced_ascent_differ() -> None:

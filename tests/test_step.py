@@ -206,7 +206,7 @@ def test_a_grad_scaler_skips_and_backs_off_without_nan_in_the_weights() -> None:
     model = make_mlp(dtype=torch.float32)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    step = SAMStep(opt, model, backward=lambda loss: scaler.scale(loss).backward())
+    step = SAMStep(opt, model, scaler=scaler)
     batches = make_batches(3, dtype=torch.float32)
     for i, batch in enumerate(batches):
         start = flat(model).clone()

@@ -9,12 +9,20 @@ from typing import Any
 import pytest
 import pytorch_optimizer
 import torch
+from helpers import Net, batches, flat_params, loader, trainer
+from lightning.pytorch.plugins import MixedPrecision
 from test_optimizer import BASES, flat, loss_at, make_batches, make_mlp, param_groups
 from torch import nn
 
-from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMStep
+from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMMixin, SAMStep
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def fp16_plugin() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
 STEPS = 12
 
 
@@ -345,3 +353,112 @@ def test_a_fractional_start_needs_the_length_of_the_training() -> None:
     opt = SAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, start=0.5, lr=0.1)
     with pytest.raises(ValueError, match="total_steps"):
         opt.ascent_due()
+
+
+# Through SAMMixin ---------------------------------------------------------------------------------------------------
+
+FACTORIES: dict[str, Callable[[Any], SAM]] = {
+    "looksam": lambda p: LookSAM(p, torch.optim.SGD, rho=0.05, k=4, lr=0.1, momentum=0.9),
+    "gsam": lambda p: GSAM(p, torch.optim.SGD, rho=0.05, alpha=0.2, lr=0.1, momentum=0.9),
+    "friendly_sam": lambda p: FriendlySAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+    "msam": lambda p: MSAM(p, torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9),
+    "interval_3": lambda p: SAM(p, torch.optim.SGD, rho=0.05, interval=3, lr=0.1, momentum=0.9),
+    "late_phase": lambda p: SAM(p, torch.optim.SGD, rho=0.05, start=0.5, lr=0.1, momentum=0.9),
+}
+
+
+class VariantNet(SAMMixin, Net):
+    def __init__(self, variant: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.variant = variant
+        self.passes: list[bool] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.passes.append(self.sam_second_pass)
+        return super().training_step(batch, batch_idx)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return FACTORIES[self.variant](self.parameters())
+
+
+def plain_loop(variant: str, accumulate: int = 1, epochs: int = 1) -> torch.Tensor:
+    """The same variant in a hand-written loop with SAMStep, over the same batches."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = FACTORIES[variant](model.parameters())
+    if variant == "late_phase":
+        opt.total_steps = 8 * epochs // accumulate
+    step = SAMStep(opt, model)
+    data = batches()
+    for _ in range(epochs):
+        for start in range(0, len(data), accumulate):
+            for x, y in data[start : start + accumulate]:
+                step.run(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y) / accumulate)
+            opt.step()
+            opt.zero_grad()
+    return flat_params(model)
+
+
+@pytest.mark.parametrize("variant", sorted(FACTORIES))
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sammixin_runs_each_variant_like_the_plain_loop(variant: str, accumulate: int) -> None:
+    torch.manual_seed(0)
+    module = VariantNet(variant)
+    trainer(max_epochs=2, accumulate_grad_batches=accumulate).fit(module, loader())
+    torch.testing.assert_close(flat_params(module), plain_loop(variant, accumulate, epochs=2), rtol=0, atol=1e-6)
+    first_passes = module.passes.count(False)
+    assert first_passes == 16, "one first pass per batch"
+    steps = 16 // accumulate
+    ascending = {
+        "looksam": -(-steps // 4),
+        "gsam": steps,
+        "friendly_sam": steps,
+        "msam": 0,
+        "interval_3": -(-steps // 3),
+        "late_phase": steps - steps // 2,
+    }[variant]
+    assert module.passes.count(True) == ascending * accumulate, "a second pass only on the steps that ascend"
+
+
+@pytest.mark.parametrize("variant", sorted(FACTORIES))
+@pytest.mark.parametrize("precision", [{"precision": "bf16-mixed"}, {"plugins": [fp16_plugin()]}])
+def test_each_variant_trains_finite_under_mixed_precision(variant: str, precision: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    module = VariantNet(variant)
+    fit = trainer(max_epochs=2, **precision)
+    fit.fit(module, loader())
+    assert fit.global_step == 16
+    assert torch.isfinite(flat_params(module)).all()
+    torch.testing.assert_close(flat_params(module), plain_loop(variant, epochs=2), rtol=0, atol=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+@pytest.mark.parametrize("variant", sorted(FACTORIES))
+def test_each_variant_resumes_bitwise_from_a_lightning_checkpoint(variant: str, tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt: Any = None) -> VariantNet:
+        torch.manual_seed(0)
+        module = VariantNet(variant)
+        every_epoch = [] if ckpt else [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)]
+        trainer(max_epochs=2, callbacks=every_epoch, enable_checkpointing=not ckpt).fit(
+            module, loader(), ckpt_path=ckpt
+        )
+        return module
+
+    uninterrupted = fit()
+    resumed = fit(ckpt=tmp_path / "epoch=0-step=8.ckpt")  # from the same run, after its first epoch
+    assert torch.equal(flat_params(resumed), flat_params(uninterrupted))
+
+
+def test_the_monitor_reports_first_order_on_the_steps_that_perturb_only(tmp_path: Any) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_sam import SharpnessMonitor
+
+    monitor = SharpnessMonitor(measures=["first_order", "grad_norm"])
+    torch.manual_seed(0)
+    trainer(logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[monitor]).fit(VariantNet("looksam"), loader())
+    steps_with_first_order = [step for step, values in monitor.history if "sharpness/first_order" in values]
+    assert steps_with_first_order == [0, 4], "LookSAM (k=4) perturbs at steps 0 and 4"
+    assert len(monitor.history) == 8, "grad_norm on every logging step"
