@@ -161,8 +161,11 @@ def all_finite(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Ten
     return _global_sum(sums, tensors).isfinite()
 
 
-def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], *, like: Sequence[Tensor] | None = None) -> Tensor:
     """``Σ ⟨x, y⟩`` over aligned tensor lists, as a 0-dim tensor (sharded tensors: over every shard, on every rank).
+
+    ``like``: when the lists hold local shards (plain tensors), the sharded tensors they are
+    shards of, so that the sum runs over every shard.
 
     Example:
         >>> import torch
@@ -177,7 +180,7 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     for x, y in zip(local_xs, local_ys, strict=True):
         dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
         products.append(torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)).real)
-    return _global_sum(products, xs)
+    return _global_sum(products, xs if like is None else like)
 
 
 def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -282,8 +282,22 @@ class SAM(Optimizer):
     def _on_ascent(self, groups: list[_Group]) -> None:
         """After the ascent, with the first pass's gradients in ``.grad`` (variants keep what they need)."""
 
-    def _descent_gradient(self) -> None:
-        """Before the base step, with the weights at ``w``: turn ``.grad`` into the update direction (variants)."""
+    def _descent_gradient(self) -> Tensor | None:
+        """Before the base step, with the weights at ``w``: turn ``.grad`` into the update direction (variants).
+
+        Returns:
+            None, or a 0-dim bool tensor that says whether the new direction is finite,
+            when the variant knows it from what it computed (it spares a read of the
+            gradients).
+        """
+        return None
+
+    def _reduced(self, value: Tensor) -> Tensor:
+        """A sum over this rank's shards made the sum over every rank's (FSDP1's process group; else as it is)."""
+        if self.process_group is not None:
+            value = value.clone()
+            torch.distributed.all_reduce(value, group=self.process_group)
+        return value
 
     def _advance(self) -> None:
         """Count a step (whether it ran or was skipped), before its descent."""
@@ -303,9 +317,7 @@ class SAM(Optimizer):
             for (group, params, _, foreach), d in zip(groups, vectors, strict=True)
         ]
         total = torch.stack([s.to(squares[0].device) for s in squares]).sum() if squares else torch.zeros(())
-        if self.process_group is not None:  # every rank joins, with or without gradients of its own
-            torch.distributed.all_reduce(total, group=self.process_group)
-        return total.sqrt()
+        return self._reduced(total).sqrt()  # every rank joins, with or without gradients of its own
 
     def _groups_with_grads(self) -> list[_Group]:
         """Each group that has gradients: its parameters that have one, those gradients, and foreach or not."""
@@ -421,9 +433,10 @@ class SAM(Optimizer):
         """A driven step's end: the weights are at ``w``, ``.grad`` holds the SAM gradient."""
         self.restore()  # a no-op unless a pass was abandoned with the weights still perturbed
         self._advance()
-        self._descent_gradient()
+        known = self._descent_gradient()
         runtime = self._runtime
-        if (runtime.nonfinite != "unchecked" or self.changes_the_descent) and not self._grads_finite():
+        check = runtime.nonfinite != "unchecked" or self.changes_the_descent
+        if check and not (bool(known) if known is not None else self._grads_finite()):
             runtime.skipped_steps += 1
             message = (
                 "SAM: the gradient is not finite (a NaN/inf loss or gradient in one of the passes); the step was "
@@ -549,9 +562,10 @@ class SAM(Optimizer):
         packed = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         for p, extra in self.sam_state.items():
-            if extra:
+            saved = {_OURS + k: v for k, v in extra.items() if not k.startswith("_")}  # "_": within a step
+            if saved:
                 i = index[id(p)]
-                packed["state"][i] = {**packed["state"].get(i, {}), **{_OURS + k: v for k, v in extra.items()}}
+                packed["state"][i] = {**packed["state"].get(i, {}), **saved}
         return packed
 
 

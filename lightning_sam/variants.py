@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam.functional import _global_sum, _locals, dot
+from lightning_sam.functional import _locals, dot
 from lightning_sam.optimizer import SAM, _Group
 
 __all__ = ["GSAM", "MSAM", "FriendlySAM", "LookSAM"]
@@ -33,29 +33,45 @@ def _check(name: str, value: Any, low: float, high: float = math.inf, *, integer
 
 
 class _KeepsFirstGradient(SAM):
-    """Keeps the first passes' gradient of an ascending step (summed over micro-batches) until its descent."""
+    """Keeps the first passes' gradient of an ascending step (summed over micro-batches) until its descent.
+
+    In one buffer per parameter, reused from step to step (a temporary per step costs more
+    than the arithmetic on a CPU); not saved, since it lives within a step.
+    """
 
     ascent_must_be_global = True
     changes_the_descent = True
-    _key = "first_grad"
+    _key = "_first_grad"  # "_": within a step, not saved
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keeping: set[Tensor] = set()  # the parameters whose buffer holds this step's first gradient
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_keeping": set()}
 
     def _on_ascent(self, groups: list[_Group]) -> None:
         unscale = 1.0 / self._runtime.grad_scale  # in the units of the gradient the base optimizer will see
         for _, params, grads, _ in groups:
-            for p, g in zip(params, grads, strict=True):
+            for p, g in zip(params, _locals(grads), strict=True):
                 kept = self.sam_state[p].get(self._key)
-                if kept is None:
-                    self.sam_state[p][self._key] = g.detach() * unscale
-                else:
+                if p in self._keeping and kept is not None:
                     kept.add_(g, alpha=unscale)
+                    continue
+                if kept is None or kept.shape != g.shape:
+                    kept = self.sam_state[p][self._key] = torch.empty_like(g)
+                torch.mul(g, unscale, out=kept)
+                self._keeping.add(p)
 
-    def _take_first_gradients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
-        """Params with a gradient and a kept first gradient: (params, second grads, first grads); None if none."""
+    def _take_first_gradients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], bool] | None:
+        """(params, second gradients, kept first gradients (local), whether every gradient has one); None if none."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        kept = [(p, self.sam_state[p].pop(self._key)) for p in params if self._key in self.sam_state[p]]
+        kept = [p for p in params if p in self._keeping]
+        self._keeping.clear()
         if not kept:
             return None
-        return [p for p, _ in kept], [p.grad for p, _ in kept if p.grad is not None], [g for _, g in kept]
+        grads = [p.grad for p in kept if p.grad is not None]
+        return kept, grads, [self.sam_state[p][self._key] for p in kept], len(kept) == len(params)
 
 
 class LookSAM(_KeepsFirstGradient):
@@ -91,8 +107,6 @@ class LookSAM(_KeepsFirstGradient):
         [2, 1, 1, 1, 1, 2]
     """
 
-    _key = "looksam_g"
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -111,30 +125,35 @@ class LookSAM(_KeepsFirstGradient):
         return self.steps_taken % self.k == 0
 
     @torch.no_grad()
-    def _descent_gradient(self) -> None:
+    def _descent_gradient(self) -> Tensor | None:
         taken = self._take_first_gradients()
-        if taken is not None:  # a SAM step: keep the orthogonal part of g_s
-            params, g_s, g = taken
-            c = dot(g_s, g) / (dot(g, g) + _EPS)
-            for p, gs_local, g_local in zip(params, _locals(g_s), _locals(g), strict=True):
-                self.sam_state[p]["looksam_gv"] = torch.sub(gs_local, g_local * c.to(g_local.device))
-            return
+        if taken is not None:  # a SAM step: keep the part of g_s orthogonal to g, in g's buffer
+            params, g_s, g_local, whole = taken
+            g_s_g, g_g = self._reduced(dot(g_s, g_local, like=g_s)), self._reduced(dot(g_local, g_local, like=g_s))
+            c = float(g_s_g / (g_g + _EPS))
+            for p, s_local, v in zip(params, _locals(g_s), g_local, strict=True):
+                v.mul_(-c).add_(s_local)  # g_v = g_s - c·g
+                old = self.sam_state[p].get("looksam_gv")
+                self.sam_state[p]["looksam_gv"] = v  # the buffers trade places: no allocation
+                if old is not None and old.shape == v.shape:
+                    self.sam_state[p][self._key] = old
+                else:
+                    del self.sam_state[p][self._key]
+            gv_norm = self._reduced(dot(g_local, g_local, like=g_s)).sqrt()  # g_local now holds g_v
+            for p in params:
+                self.sam_state[p]["looksam_gv_norm"] = gv_norm
+            return torch.isfinite(g_s_g) & torch.isfinite(g_g) if whole else None
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         params = [p for p in params if "looksam_gv" in self.sam_state[p]]
         if not params:
-            return
-        grads, g_v = [p.grad for p in params if p.grad is not None], [self.sam_state[p]["looksam_gv"] for p in params]
-        scale = self.alpha * dot(grads, grads).sqrt() / (_norm_of_locals(g_v, grads) + _EPS)
-        for g_local, v in zip(_locals(grads), g_v, strict=True):
-            g_local.add_(v * scale.to(v.device))
-
-
-def _norm_of_locals(local: list[Tensor], like: list[Tensor]) -> Tensor:
-    """The global norm of local shards kept in ``state`` (aligned with the possibly sharded ``like``)."""
-    dtypes = [torch.promote_types(t.dtype, torch.float32) for t in local]
-    return _global_sum(
-        [torch.vdot(t.reshape(-1).to(d), t.reshape(-1).to(d)) for t, d in zip(local, dtypes, strict=True)], like
-    ).sqrt()
+            return None
+        grads = [p.grad for p in params if p.grad is not None]
+        g_norm = self._reduced(dot(grads, grads)).sqrt()
+        scale = float(self.alpha * g_norm / (self.sam_state[params[0]]["looksam_gv_norm"] + _EPS))
+        for g, p in zip(_locals(grads), params, strict=True):
+            g.add_(self.sam_state[p]["looksam_gv"], alpha=scale)
+        whole = len(params) == sum(p.grad is not None for group in self.param_groups for p in group["params"])
+        return torch.tensor(math.isfinite(scale)) & torch.isfinite(g_norm) if whole else None
 
 
 class GSAM(_KeepsFirstGradient):
@@ -198,15 +217,17 @@ class GSAM(_KeepsFirstGradient):
         return float(self.rho_min + (group["rho"] - self.rho_min) * min(max(fraction, 0.0), 1.0))
 
     @torch.no_grad()
-    def _descent_gradient(self) -> None:
+    def _descent_gradient(self) -> Tensor | None:
         taken = self._take_first_gradients()
         if taken is None:
-            return
-        _, g_p, g = taken
-        c = dot(g, g_p) / (dot(g_p, g_p) + _EPS)
-        for gp_local, g_local in zip(_locals(g_p), _locals(g), strict=True):
-            vertical = g_local - gp_local * c.to(gp_local.device)
-            gp_local.sub_(vertical, alpha=self.alpha)
+            return None
+        _, g_p, g_local, whole = taken
+        g_gp, gp_gp = self._reduced(dot(g_local, g_p, like=g_p)), self._reduced(dot(g_p, g_p))
+        c = float(g_gp / (gp_gp + _EPS))
+        for gp_local, g in zip(_locals(g_p), g_local, strict=True):
+            g.sub_(gp_local, alpha=c)  # the kept ∇f becomes ∇f_⊥ = ∇f − c·∇f_p, in place
+            gp_local.sub_(g, alpha=self.alpha)
+        return torch.isfinite(g_gp) & torch.isfinite(gp_gp) & torch.tensor(math.isfinite(c)) if whole else None
 
 
 class FriendlySAM(SAM):
@@ -237,8 +258,8 @@ class FriendlySAM(SAM):
         ...     _ = step.run(lambda: torch.nn.functional.mse_loss(model(x), y))
         ...     opt.step()
         ...     opt.zero_grad()
-        >>> sorted(opt.sam_state[model.weight])
-        ['fsam_m']
+        >>> "fsam_m" in opt.sam_state[model.weight]  # the moving average, saved in state_dict
+        True
     """
 
     ascent_must_be_global = True
@@ -264,13 +285,18 @@ class FriendlySAM(SAM):
         for _, params, grads, _ in groups:
             group_directions = []
             for p, g in zip(params, grads, strict=True):
-                m = self.sam_state[p].get("fsam_m")
+                state = self.sam_state[p]
+                m = state.get("fsam_m")
                 if m is None:
-                    self.sam_state[p]["fsam_m"] = g.detach() * unscale
+                    state["fsam_m"] = g.detach() * unscale
                     group_directions.append(g)
-                else:
-                    group_directions.append(g * unscale - self.sigma * m)
-                    m.mul_(self.lmbda).add_(g, alpha=(1 - self.lmbda) * unscale)
+                    continue
+                d = state.get("_fsam_d")  # one buffer, reused every step; "_": not saved
+                if d is None or d.shape != g.shape:
+                    d = state["_fsam_d"] = torch.empty_like(g)
+                torch.mul(g, unscale, out=d).sub_(m, alpha=self.sigma)  # d = g − sigma·m
+                m.mul_(self.lmbda).add_(g, alpha=(1 - self.lmbda) * unscale)
+                group_directions.append(d)
             directions.append(group_directions)
         return directions
 
@@ -331,8 +357,8 @@ class MSAM(SAM):
             params = [p for p in group["params"] if _momentum(self.state[p]) is not None]
             if params:
                 groups.append((group, params, [], False))
-                directions.append([-_momentum(self.state[p]) for p in params])  # type: ignore[operator]
-                radii.append(self._radius(group))
+                directions.append([_momentum(self.state[p]) for p in params])  # type: ignore[misc]
+                radii.append(-self._radius(group))  # along −v, without a negated copy
         if not groups:
             return False
         self._perturb(groups, directions, radii)

@@ -1,0 +1,148 @@
+"""Accuracy against cost for SGD, SAM, ASAM and every variant, measured side by side in one run.
+
+Accuracy: the clean test accuracy on scikit-learn's digits with 40% noisy training labels (the demo's task: a
+64-256-256-10 MLP, SGD with momentum, 40 epochs, batch 32), for each seed. Cost: the mean step time over 40 steps
+(so that every kind of step of a periodic method is in it) of each method against plain SGD on the
+784-1024-1024-10 MLP at batch 128, in plain loops driven by ``SAMStep``, interleaved round after round; the median
+of the rounds. Writes the accuracy-against-cost figure with ``--figure``.
+
+    python benchmarks/bench_variants.py [--seeds 0 1 2] [--epochs 40] [--rounds 5] [--figure docs/img/variants.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMStep
+from lightning_sam.demo import noisy_digits
+
+SGD: dict[str, Any] = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+RHO = 0.2  # the demo's
+
+# name -> (what it is, optimizer factory); None is plain SGD
+METHODS: dict[str, tuple[str, Callable[[Any], torch.optim.Optimizer]]] = {
+    "SGD": ("momentum 0.9", lambda p: torch.optim.SGD(p, **SGD)),
+    "SAM": (f"rho={RHO}", lambda p: SAM(p, torch.optim.SGD, rho=RHO, **SGD)),
+    "ASAM": ("rho=1.0, eta=0.01", lambda p: SAM(p, torch.optim.SGD, rho=1.0, adaptive=True, eta=0.01, **SGD)),
+    "LookSAM": (f"rho={RHO}, k=5, alpha=0.7", lambda p: LookSAM(p, torch.optim.SGD, rho=RHO, k=5, alpha=0.7, **SGD)),
+    "GSAM": (f"rho={RHO}, alpha=0.1", lambda p: GSAM(p, torch.optim.SGD, rho=RHO, alpha=0.1, **SGD)),
+    "FriendlySAM": (
+        f"rho={RHO}, sigma=1, lmbda=0.9",
+        lambda p: FriendlySAM(p, torch.optim.SGD, rho=RHO, sigma=1.0, lmbda=0.9, **SGD),
+    ),
+    "MSAM": ("rho=0.3", lambda p: MSAM(p, torch.optim.SGD, rho=0.3, **SGD)),
+    "SAM every 2nd step": (f"rho={RHO}, interval=2", lambda p: SAM(p, torch.optim.SGD, rho=RHO, interval=2, **SGD)),
+    "SAM every 4th step": (f"rho={RHO}, interval=4", lambda p: SAM(p, torch.optim.SGD, rho=RHO, interval=4, **SGD)),
+    "late-phase SAM": (
+        f"rho={RHO}, start=2/3 of the steps",
+        lambda p: SAM(p, torch.optim.SGD, rho=RHO, start=2 / 3, **SGD),
+    ),
+}
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: SAMStep | None, x: Any, y: Any) -> None:
+    if step is None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return
+    step.run(lambda: nn.functional.cross_entropy(model(x), y))
+    opt.step()
+    opt.zero_grad()
+
+
+def accuracy(name: str, seed: int, epochs: int) -> float:
+    torch.manual_seed(seed)
+    train_set, test_set = noisy_digits(0.4, seed=seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = METHODS[name][1](model.parameters())
+    loader = DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
+    if isinstance(opt, SAM) and opt.total_steps is None:
+        opt.total_steps = epochs * len(loader)
+    step = SAMStep(opt, model) if isinstance(opt, SAM) else None
+    for _ in range(epochs):
+        for x, y in loader:
+            train_step(model, opt, step, x, y)
+    x, y = test_set.tensors
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def step_time(name: str, steps: int = 40, warmup: int = 10) -> float:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    opt = METHODS[name][1](model.parameters())
+    if isinstance(opt, SAM) and opt.total_steps is None:  # late-phase: SAM on the last third of the timed steps
+        opt.total_steps = int(1.5 * warmup) + steps
+    step = SAMStep(opt, model) if isinstance(opt, SAM) else None
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    for _ in range(warmup):
+        train_step(model, opt, step, x, y)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, opt, step, x, y)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--figure", default=None, help="write the accuracy-against-cost figure (PNG) there")
+    args = parser.parse_args()
+
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    for _ in range(args.rounds):
+        for name in METHODS:
+            times[name].append(step_time(name))
+    ratio = {name: statistics.median(t) / statistics.median(times["SGD"]) for name, t in times.items()}
+    accuracies = {name: [accuracy(name, seed, args.epochs) for seed in args.seeds] for name in METHODS}
+
+    print(
+        f"digits, 40% label noise, {args.epochs} epochs, seeds {args.seeds}; step time: 784-1024-1024-10 MLP, batch "
+        f"128, {args.rounds} interleaved rounds, torch {torch.__version__}"
+    )
+    print()
+    print("| method | settings | clean test accuracy (mean ± sd) | gain over SGD | step time / SGD |")
+    print("|---|---|---:|---:|---:|")
+    sgd = statistics.mean(accuracies["SGD"])
+    for name, (settings, _) in METHODS.items():
+        accs = accuracies[name]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        mean = statistics.mean(accs)
+        print(f"| {name} | {settings} | {mean:.1%} ± {spread:.1%} | {mean - sgd:+.1%} | {ratio[name]:.2f}x |")
+    if args.figure:
+        figure(accuracies, ratio, args.figure)
+
+
+def figure(accuracies: dict[str, list[float]], ratio: dict[str, float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, accs in accuracies.items():
+        mean = statistics.mean(accs)
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        ax.errorbar(ratio[name], 100 * mean, yerr=100 * spread, fmt="o", capsize=3)
+        ax.annotate(name, (ratio[name], 100 * mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("step time relative to SGD (784-1024-1024-10 MLP, CPU)")
+    ax.set_ylabel("clean test accuracy, % (digits, 40% noisy labels)")
+    ax.set_title("Accuracy against cost: mean and sd over seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
