@@ -24,6 +24,7 @@ __all__ = [
     "group_by_device_and_dtype",
     "lightning_logging_step",
     "lightning_logs_this_batch",
+    "lightning_steps_after_this_batch",
     "mark_stepped",
     "metric_bookkeeping",
     "optimizers_in",
@@ -94,6 +95,14 @@ def lightning_logs_this_batch(trainer: pl.Trainer) -> bool:
     ``Trainer._logger_connector.should_update_logs``: Lightning 2.5 - 2.6.
     """
     return bool(trainer._logger_connector.should_update_logs)
+
+
+def lightning_steps_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether the optimizer steps after this batch (the last batch of an accumulation window).
+
+    ``_FitLoop._should_accumulate``: Lightning 2.5 - 2.6.
+    """
+    return not trainer.fit_loop._should_accumulate()
 
 
 def lightning_logging_step(trainer: pl.Trainer) -> int:

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_sam._compat import attached_trainer, optimizers_in
+from lightning_sam._compat import attached_trainer, lightning_steps_after_this_batch, optimizers_in
 from lightning_sam._observe import loss_in, observing
 from lightning_sam.optimizer import SAM
 from lightning_sam.step import SAMStep
@@ -238,6 +238,7 @@ class _LightningSAM:
                 backward(loss)
             finally:
                 self.step.end_one_pass()
+            self._finalize()
             return
         args, kwargs, raw_loss = self.pending
         self.pending = None
@@ -254,6 +255,7 @@ class _LightningSAM:
         with self._second_pass(), observing(self.module, batchnorm=False):
             perturbed = self.step.second_forward(lambda: _loss_of(trainer.strategy.training_step(*args, **kwargs)))
         self.step.second_backward(perturbed / trainer.accumulate_grad_batches, backward)  # SAMStep scales it
+        self._finalize()
         unscale = trainer.accumulate_grad_batches / (self.scaler.get_scale() if self.scaler is not None else 1.0)
         self.settings.sam_stats = {
             "loss": raw_loss,
@@ -261,6 +263,12 @@ class _LightningSAM:
             "first_order_sharpness": perturbed.detach() - raw_loss,
             "grad_norm": norm * unscale,
         }
+
+    def _finalize(self) -> None:
+        """After the window's last backward: the variant's direction, for the hooks and the clipping that follow."""
+        optimizer = self.step.optimizer
+        if optimizer.changes_the_descent and lightning_steps_after_this_batch(self.module.trainer):
+            optimizer.finalize_gradient(self.scaler.get_scale() if self.scaler is not None else 1.0)
 
     def _ddp(self) -> DistributedDataParallel | None:
         model = self.module.trainer.strategy.model

@@ -67,6 +67,7 @@ class _Runtime:
     skipped_steps: int = 0
     warned: set[str] = field(default_factory=set)
     grad_scale: float = 1.0
+    finalized: tuple[Tensor | None] | None = None  # set by finalize_gradient until the step takes it
 
     def buffers_for(self, params: list[Tensor]) -> list[Tensor]:
         """The saved-weights buffer of each parameter (of its local shard), allocated once and reused every step."""
@@ -282,8 +283,12 @@ class SAM(Optimizer):
     def _on_ascent(self, groups: list[_Group]) -> None:
         """After the ascent, with the first pass's gradients in ``.grad`` (variants keep what they need)."""
 
-    def _descent_gradient(self) -> Tensor | None:
+    def _descent_gradient(self, grad_scale: float) -> Tensor | None:
         """Before the base step, with the weights at ``w``: turn ``.grad`` into the update direction (variants).
+
+        Args:
+            grad_scale: The factor ``.grad`` carries now (a GradScaler's scale before its
+                unscaling; 1 after it).
 
         Returns:
             None, or a 0-dim bool tensor that says whether the new direction is finite,
@@ -291,6 +296,26 @@ class SAM(Optimizer):
             gradients).
         """
         return None
+
+    @torch.no_grad()
+    def finalize_gradient(self, grad_scale: float = 1.0) -> None:
+        """Turn ``.grad`` into this step's update direction now, for what reads it before ``step()``.
+
+        Only the variants that compute their own direction (``changes_the_descent``:
+        LookSAM, GSAM) change anything. Call it after the step's last backward and before
+        clipping or inspecting the gradient (``SAMMixin`` does, so Lightning clips the
+        direction the base optimizer steps with); ``step()`` then uses it as it is.
+
+        Args:
+            grad_scale: The factor ``.grad`` carries (a GradScaler's scale, before ``unscale_``).
+        """
+        if self._runtime.finalized is None:
+            self._runtime.finalized = (self._descent_gradient(grad_scale),)
+
+    def _take_descent_gradient(self) -> Tensor | None:
+        """This step's direction, made now unless ``finalize_gradient`` made it; its known finiteness."""
+        finalized, self._runtime.finalized = self._runtime.finalized, None
+        return finalized[0] if finalized is not None else self._descent_gradient(1.0)
 
     def _reduced(self, value: Tensor) -> Tensor:
         """A sum over this rank's shards made the sum over every rank's (FSDP1's process group; else as it is)."""
@@ -419,7 +444,7 @@ class SAM(Optimizer):
             )
         self.restore()
         self._advance()
-        self._descent_gradient()
+        self._take_descent_gradient()
         self._base_step()
         if zero_grad:
             self.zero_grad()
@@ -433,7 +458,7 @@ class SAM(Optimizer):
         """A driven step's end: the weights are at ``w``, ``.grad`` holds the SAM gradient."""
         self.restore()  # a no-op unless a pass was abandoned with the weights still perturbed
         self._advance()
-        known = self._descent_gradient()
+        known = self._take_descent_gradient()
         runtime = self._runtime
         check = runtime.nonfinite != "unchecked" or self.changes_the_descent
         if check and not (bool(known) if known is not None else self._grads_finite()):
@@ -505,7 +530,7 @@ class SAM(Optimizer):
             return None
         if not self.is_perturbed and not self.ascent_due():  # a one-pass step: the gradient at w is the one
             self._advance()
-            self._descent_gradient()
+            self._take_descent_gradient()
             self._base_step()
             return None
         if not self.is_perturbed:

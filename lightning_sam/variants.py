@@ -125,14 +125,14 @@ class LookSAM(_KeepsFirstGradient):
         return self.steps_taken % self.k == 0
 
     @torch.no_grad()
-    def _descent_gradient(self) -> Tensor | None:
+    def _descent_gradient(self, grad_scale: float) -> Tensor | None:
         taken = self._take_first_gradients()
-        if taken is not None:  # a SAM step: keep the part of g_s orthogonal to g, in g's buffer
+        if taken is not None:  # a SAM step: keep the part of g_s orthogonal to g, in g's buffer (unscaled)
             params, g_s, g_local, whole = taken
             g_s_g, g_g = self._reduced(dot(g_s, g_local, like=g_s)), self._reduced(dot(g_local, g_local, like=g_s))
             c = float(g_s_g / (g_g + _EPS))
             for p, s_local, v in zip(params, _locals(g_s), g_local, strict=True):
-                v.mul_(-c).add_(s_local)  # g_v = g_s - c·g
+                v.mul_(-c).add_(s_local).div_(grad_scale)  # g_v = g_s - c·g
                 old = self.sam_state[p].get("looksam_gv")
                 self.sam_state[p]["looksam_gv"] = v  # the buffers trade places: no allocation
                 if old is not None and old.shape == v.shape:
@@ -217,16 +217,16 @@ class GSAM(_KeepsFirstGradient):
         return float(self.rho_min + (group["rho"] - self.rho_min) * min(max(fraction, 0.0), 1.0))
 
     @torch.no_grad()
-    def _descent_gradient(self) -> Tensor | None:
+    def _descent_gradient(self, grad_scale: float) -> Tensor | None:
         taken = self._take_first_gradients()
         if taken is None:
             return None
-        _, g_p, g_local, whole = taken
+        _, g_p, g_local, whole = taken  # g_p carries grad_scale, the kept ∇f does not
         g_gp, gp_gp = self._reduced(dot(g_local, g_p, like=g_p)), self._reduced(dot(g_p, g_p))
         c = float(g_gp / (gp_gp + _EPS))
         for gp_local, g in zip(_locals(g_p), g_local, strict=True):
             g.sub_(gp_local, alpha=c)  # the kept ∇f becomes ∇f_⊥ = ∇f − c·∇f_p, in place
-            gp_local.sub_(g, alpha=self.alpha)
+            gp_local.sub_(g, alpha=self.alpha * grad_scale)
         return torch.isfinite(g_gp) & torch.isfinite(gp_gp) & torch.tensor(math.isfinite(c)) if whole else None
 
 

@@ -462,3 +462,44 @@ def test_the_monitor_reports_first_order_on_the_steps_that_perturb_only(tmp_path
     steps_with_first_order = [step for step, values in monitor.history if "sharpness/first_order" in values]
     assert steps_with_first_order == [0, 4], "LookSAM (k=4) perturbs at steps 0 and 4"
     assert len(monitor.history) == 8, "grad_norm on every logging step"
+
+
+def plain_loop_clipped(variant: str, clip: float, fp16: bool) -> torch.Tensor:
+    """A loop that clips the direction the variant steps with: finalize_gradient, (unscale,) clip, step."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = FACTORIES[variant](model.parameters())
+    scaler = torch.amp.GradScaler("cpu") if fp16 else None
+    step = SAMStep(opt, model, scaler=scaler)
+    for _ in range(2):
+        for x, y in batches():
+
+            def loss_fn(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                    return nn.functional.cross_entropy(model(x), y)
+
+            step.run(loss_fn)
+            opt.finalize_gradient(scaler.get_scale() if scaler is not None else 1.0)
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+    return flat_params(model)
+
+
+@pytest.mark.parametrize("variant", ["looksam", "gsam"])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_lightning_clips_the_direction_the_variant_steps_with(variant: str, fp16: bool) -> None:
+    torch.manual_seed(0)
+    module = VariantNet(variant)
+    precision = {"plugins": [fp16_plugin()]} if fp16 else {}
+    trainer(max_epochs=2, gradient_clip_val=0.05, **precision).fit(module, loader())
+    expected = plain_loop_clipped(variant, clip=0.05, fp16=fp16)
+    torch.testing.assert_close(flat_params(module), expected, rtol=0, atol=1e-6 if not fp16 else 1e-3)
+    unclipped = plain_loop(variant, epochs=2)
+    assert not torch.allclose(flat_params(module), unclipped, rtol=0, atol=1e-3), "the clipping bit"
