@@ -87,7 +87,7 @@ class SharpnessMonitor(Callback):
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` to use instead of ``training_step``.
         seed: Seed of the monitor's own random numbers (never the global generator).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> import torch
         >>> from lightning.pytorch.loggers import CSVLogger

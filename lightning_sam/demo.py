@@ -58,7 +58,7 @@ def noisy_digits(noise: float, seed: int) -> tuple[TensorDataset, TensorDataset]
 class DigitsMLP(pl.LightningModule):
     """A 64-256-256-10 MLP trained with SGD (momentum 0.9, weight decay 5e-4).
 
-    Example:
+    Examples:
         >>> DigitsMLP()(torch.zeros(2, 64)).shape
         torch.Size([2, 10])
     """
@@ -90,7 +90,7 @@ class DigitsMLP(pl.LightningModule):
 class SAMDigitsMLP(SAMMixin, DigitsMLP):
     """The same module with SAM: only the optimizer changes.
 
-    Example:
+    Examples:
         >>> type(SAMDigitsMLP(rho=0.1).configure_optimizers()).__name__
         'SAM'
     """
@@ -117,7 +117,7 @@ class _TestAccuracy(Callback):
 class RunResult:
     """What one fit produced.
 
-    Example:
+    Examples:
         >>> RunResult("SAM", seed=0, test_acc=0.9, train_loss=1.2, seconds=5.0, sharpness={}).test_acc
         0.9
     """

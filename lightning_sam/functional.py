@@ -17,7 +17,7 @@ full gradient. Half-precision weights
 get their perturbation computed in float32 (a scale such as ``rho / ‖g‖ = 1e-8`` is 0
 in float16).
 
-Example:
+Examples:
     >>> import torch
     >>> w = [torch.tensor([3.0, 4.0])]
     >>> g = [torch.tensor([3.0, 4.0])]
@@ -106,7 +106,7 @@ def grad_norm_squared(
     Returns:
         The squared norm; ``tensor(0.)`` when ``grads`` is empty.
 
-    Example:
+    Examples:
         >>> import torch
         >>> grad_norm_squared([torch.ones(2)], [torch.tensor([1.0, 2.0])], adaptive=True, eta=1.0)
         tensor(20.)
@@ -143,7 +143,7 @@ def all_finite(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Ten
     is, or when it overflows; an overflow (a sum beyond 3e38, elements beyond 1e19) also
     counts as non-finite. Sharded tensors (DTensors) give the same answer on every rank.
 
-    Example:
+    Examples:
         >>> import torch
         >>> all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
         tensor(False)
@@ -167,7 +167,7 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], *, like: Sequence[Tensor] | 
     ``like``: when the lists hold local shards (plain tensors), the sharded tensors they are
     shards of, so that the sum runs over every shard.
 
-    Example:
+    Examples:
         >>> import torch
         >>> dot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
         tensor(11.)

@@ -82,7 +82,7 @@ class SAMMixin:
             perturbation), as detached tensors, for
             [`SharpnessMonitor`][lightning_sam.SharpnessMonitor] and your own logging.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> import torch
         >>> from lightning_sam import SAM, SAMMixin

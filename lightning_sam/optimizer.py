@@ -140,7 +140,7 @@ class SAM(Optimizer):
             ``start`` (``SAMMixin`` sets it from the Trainer's ``estimated_stepping_batches``).
         **base_kwargs: Arguments of the base optimizer (``lr``, ``momentum`` ...).
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)

@@ -7,7 +7,7 @@ by subtracting), never touches ``.grad`` (gradients come from ``torch.autograd.g
 and draws random numbers only from the ``generator`` it is given. No Lightning import:
 [`SharpnessMonitor`][lightning_sam.SharpnessMonitor] is the Lightning front end.
 
-Example:
+Examples:
     >>> import torch
     >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
     >>> loss_fn = lambda: 3.0 * w[0] ** 2 + 0.5 * w[1] ** 2  # Hessian diag(6, 1)

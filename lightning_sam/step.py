@@ -119,7 +119,7 @@ class SAMStep:
         nonfinite: What ``optimizer.step()`` does with a non-finite gradient: ``"skip"``
             with a ``RuntimeWarning``, or ``"raise"`` ``FloatingPointError``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lightning_sam import SAM, SAMStep
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))

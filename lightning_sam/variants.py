@@ -90,7 +90,7 @@ class LookSAM(_KeepsFirstGradient):
         alpha: The weight of the kept direction (the paper's 0.7).
         **kwargs: The other arguments of `SAM` and those of the base optimizer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lightning_sam import LookSAM, SAMStep
         >>> model = torch.nn.Linear(4, 1)
@@ -175,7 +175,7 @@ class GSAM(_KeepsFirstGradient):
         lr_min: The learning rate at which ``rho`` reaches ``rho_min``.
         **kwargs: The other arguments of `SAM` and those of the base optimizer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lightning_sam import GSAM, SAMStep
         >>> model = torch.nn.Linear(4, 1)
@@ -247,7 +247,7 @@ class FriendlySAM(SAM):
             0.6 to 0.95).
         **kwargs: The other arguments of `SAM` and those of the base optimizer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lightning_sam import FriendlySAM, SAMStep
         >>> model = torch.nn.Linear(4, 1)
@@ -319,7 +319,7 @@ class MSAM(SAM):
         rho: The radius (the authors' default for SGD, 0.3).
         **kwargs: The other arguments of `SAM` and those of the base optimizer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lightning_sam import MSAM, SAMStep
         >>> model = torch.nn.Linear(4, 1)

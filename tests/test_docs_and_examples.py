@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
 import subprocess
@@ -108,3 +109,20 @@ def test_fsdp_example_on_two_cpu_processes(loop: str, tmp_path: Path) -> None:
     assert re.search(r"clean test accuracy \d+\.\d%", done.stdout)
     if loop == "lightning":
         assert "rank 0 holds 42501 of the 85002 parameters" in done.stdout
+
+
+def test_api_reference_renders_docstring_examples_as_code(tmp_path: Path) -> None:
+    """mkdocstrings reads Google-style ``Examples:`` sections as code; anything else becomes quoted run-on text."""
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(site)],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    api = (site / "api" / "index.html").read_text()
+    public_classes = ["SAM", "SAMMixin", "SAMStep", "LookSAM", "GSAM", "FriendlySAM", "MSAM", "SharpnessMonitor"]
+    code_examples = re.findall(r'<code><span class="gp">&gt;&gt;&gt;', api)
+    assert len(code_examples) >= len(public_classes)
+    assert "<blockquote>" not in api
+    assert "&gt;&gt;&gt; import" not in re.sub(r"<code>.*?</code>", "", api, flags=re.S)
