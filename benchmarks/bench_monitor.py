@@ -1,4 +1,6 @@
-"""Cost of `SharpnessMonitor()` with its defaults on the demo workload.
+"""Cost of `SharpnessMonitor()` with its defaults on the demo workload, and its estimators against PyHessian.
+
+Part ``overhead``:
 
 Fits the demo's digits MLP (SGD, and SAM through SAMMixin) with and without the default
 monitor, same Trainer and CSV logger, interleaved round by round in one process (the order
@@ -7,12 +9,21 @@ by several percent from run to run, so it also prints the time spent inside the
 monitor's hooks as a share of the monitored fit: that is the monitor's cost, measured
 directly. Target: at most 5%.
 
-    python benchmarks/bench_monitor.py [--rounds 6] [--epochs 40]
+Part ``pyhessian``: on a small CNN (digits, one batch of 128, after 100 SGD steps), cold
+start, the top eigenvalue by `hessian_top_eigs` against PyHessian's `eigenvalues()` with
+its defaults (power iteration, maxIter=100, tol=1e-3), interleaved over 10 random starts:
+median time and worst error against the dense Hessian's eigenvalue (target: <= 0.5x the
+time at <= 1% error); and the trace: PyHessian's `trace()` with its defaults (Hutchinson
+until the running mean settles) against Hutch++ with the fewest products that reach the
+same RMS error over 10 seeds (target: fewer products).
+
+    python benchmarks/bench_monitor.py [--part overhead|pyhessian|all] [--rounds 6] [--epochs 40]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -71,12 +82,131 @@ def fit_seconds(use_sam: bool, with_monitor: bool, epochs: int) -> float:
     return time.perf_counter() - start
 
 
+def small_cnn() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data[:128], dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(digits.target[:128])
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(100):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, x, y
+
+
+def dense_hessian(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    sizes, shapes = [p.numel() for p in params.values()], [p.shape for p in params.values()]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        tensors = [t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True)]
+        out = torch.func.functional_call(model, dict(zip(params, tensors, strict=True)), (x,))
+        return torch.nn.functional.cross_entropy(out, y)
+
+    return torch.autograd.functional.hessian(loss_of, torch.cat([p.detach().flatten() for p in params.values()]))
+
+
+def against_pyhessian(starts: int = 10) -> None:
+    from pyhessian import hessian as PyHessian
+
+    from lightning_sam.sharpness import hessian_top_eigs, hessian_trace
+
+    model, x, y = small_cnn()
+    params = list(model.parameters())
+    hessian = dense_hessian(model, x, y).double()
+    exact_top, exact_trace = torch.linalg.eigvalsh(hessian).max().item(), torch.trace(hessian).item()
+
+    def loss_fn() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    def theirs() -> PyHessian:
+        h = PyHessian(model, torch.nn.functional.cross_entropy, data=(x, y), cuda=False)
+        return h
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None  # PyHessian leaves create_graph gradients behind
+
+    times: dict[str, list[float]] = {"PyHessian": [], "tol=1e-2": [], "tol=3e-2": []}
+    errors: dict[str, list[float]] = {k: [] for k in times}
+    products: dict[str, list[int]] = {k: [] for k in times}
+    for seed in range(starts + 1):  # the first round warms up
+        order = list(times) if seed % 2 else list(times)[::-1]
+        for name in order:
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            if name == "PyHessian":
+                h = theirs()
+                values, _ = h.eigenvalues()
+                value, count = values[0], -1
+            else:
+                tol = float(name.split("=")[1])
+                top = hessian_top_eigs(loss_fn, params, tol=tol, generator=torch.Generator().manual_seed(seed))
+                value, count = top.eigenvalues[0].item(), top.products
+            elapsed = time.perf_counter() - start
+            clear()
+            if seed:
+                times[name].append(elapsed)
+                errors[name].append(abs(value - exact_top) / exact_top)
+                products[name].append(count)
+    n = sum(p.numel() for p in params)
+    print(f"small CNN ({n} parameters), one batch of 128 digits, CPU, torch {torch.__version__}, {starts} cold starts")
+    print()
+    print("| top eigenvalue | median time (ms) | time / PyHessian's | worst error vs dense | HVPs (median) |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(times["PyHessian"])
+    for name in times:
+        label = "PyHessian `eigenvalues()` (defaults)" if name == "PyHessian" else f"`hessian_top_eigs({name})`"
+        hvps = "-" if name == "PyHessian" else f"{statistics.median(products[name]):.0f}"
+        t = statistics.median(times[name])
+        print(f"| {label} | {1e3 * t:.1f} | {t / base:.2f}x | {max(errors[name]):.2%} | {hvps} |")
+
+    def rms(values: list[float]) -> float:
+        return math.sqrt(statistics.fmean(v * v for v in values))
+
+    their_errors, their_products = [], []
+    for seed in range(starts):
+        torch.manual_seed(seed)
+        samples = theirs().trace()
+        clear()
+        their_errors.append(statistics.fmean(samples) - exact_trace)
+        their_products.append(len(samples))
+    target = rms(their_errors)
+    print()
+    print(f"| trace (exact {exact_trace:.2f}) | HVPs per estimate | RMS error over {starts} seeds |")
+    print("|---|---:|---:|")
+    print(f"| PyHessian `trace()` (defaults) | {statistics.median(their_products):.0f} (median) | {target:.3f} |")
+    for samples in (6, 9, 12, 18, 24, 36, 48, 72, 96):
+        ours = [
+            hessian_trace(loss_fn, params, samples=samples, generator=torch.Generator().manual_seed(seed)).trace.item()
+            - exact_trace
+            for seed in range(starts)
+        ]
+        print(f"| `hessian_trace(samples={samples})`, Hutch++ | {samples} | {rms(ours):.3f} |")
+        if rms(ours) <= target:
+            break
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["overhead", "pyhessian", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=40)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    if args.part in ("pyhessian", "all"):
+        against_pyhessian()
+        print()
+    if args.part == "pyhessian":
+        return
     configs = [(sam, mon) for sam in (False, True) for mon in (False, True)]
     samples: dict[tuple[bool, bool], list[float]] = {c: [] for c in configs}
     inside: dict[bool, list[float]] = {False: [], True: []}

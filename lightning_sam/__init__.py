@@ -1,10 +1,40 @@
 """Sharpness-Aware Minimization for PyTorch and PyTorch Lightning."""
 
-from lightning_sam.callbacks import SharpnessMonitor
-from lightning_sam.mixin import SAMMixin
-from lightning_sam.optimizer import SAM
-from lightning_sam.step import SAMStep
-from lightning_sam.variants import GSAM, MSAM, FriendlySAM, LookSAM
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_sam.callbacks import SharpnessMonitor
+    from lightning_sam.mixin import SAMMixin
+    from lightning_sam.optimizer import SAM
+    from lightning_sam.step import SAMStep
+    from lightning_sam.variants import GSAM, MSAM, FriendlySAM, LookSAM
 
 __all__ = ["GSAM", "MSAM", "SAM", "FriendlySAM", "LookSAM", "SAMMixin", "SAMStep", "SharpnessMonitor"]
 __version__ = "0.1.0"
+
+# Imported on first use, so that `lightning-sam --help` and its errors answer without importing torch and Lightning.
+_HOMES = {
+    "SAM": "optimizer",
+    "SAMMixin": "mixin",
+    "SAMStep": "step",
+    "SharpnessMonitor": "callbacks",
+    "GSAM": "variants",
+    "MSAM": "variants",
+    "FriendlySAM": "variants",
+    "LookSAM": "variants",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"lightning_sam.{_HOMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_sam' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -1,19 +1,23 @@
-"""``python -m lightning_sam demo [options]``: see ``lightning_sam.demo``."""
+"""``lightning-sam demo [options]`` (or ``python -m lightning_sam demo``): see ``lightning_sam.demo``.
+
+The command line is parsed and checked by ``lightning_sam._demo_cli``, which imports neither torch
+nor Lightning, so that ``--help`` and every error answer at once; the demo's imports come after.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Dispatch the ``lightning-sam`` subcommands."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "demo":
-        print("usage: lightning-sam demo [options]   (lightning-sam demo --help for the options)", file=sys.stderr)
-        return 2
-    from lightning_sam.demo import main as demo
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lightning-sam``; returns the exit code (bad input: 2, with one line on stderr)."""
+    from lightning_sam._demo_cli import parse
 
-    return demo(argv[1:])
+    args = parse(sys.argv[1:] if argv is None else argv)  # --help, --version and errors exit here
+    from lightning_sam.demo import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

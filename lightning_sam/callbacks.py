@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,9 +23,11 @@ from typing_extensions import override
 from lightning_sam import sharpness
 from lightning_sam._compat import lightning_logging_step, lightning_logs_this_batch
 from lightning_sam._observe import loss_in, observing
-from lightning_sam.measures import MEASURES, FixedBatch, NotThisStep, TrainingStep, Unavailable
+from lightning_sam.figures import density_curve, save_spectrum_figure
+from lightning_sam.hessian import HVP_BACKENDS, HVPFallbackWarning, Spectrum
+from lightning_sam.measures import MEASURES, PER_MODULE_MEASURES, FixedBatch, NotThisStep, TrainingStep, Unavailable
 from lightning_sam.step import rng_state, set_rng_state
-from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_landscape
+from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_line_plot
 
 __all__ = ["SharpnessMonitor"]
 
@@ -44,11 +48,19 @@ class SharpnessMonitor(Callback):
     |---|---|---|
     | ``first_order`` | ``L(w+e) − L(w)``, ``e = rho·g/‖g‖`` (Foret et al. 2021) | free with SAMMixin, else 2 forwards |
     | ``grad_norm`` | ``‖g‖`` of the gradient the optimizer steps with | free |
-    | ``hessian_max_eig`` | top Hessian eigenvalue, power iteration, warm-started (Yao et al. 2020) | a few HVPs |
-    | ``eos_ratio`` | ``λ_max`` over SGD's stability threshold ``(2+2β)/lr`` (Cohen et al. 2021) | free with it |
-    | ``hessian_trace`` | Hutch++ trace estimate (Meyer et al. 2021) | ``trace_samples`` HVPs |
+    | ``hessian_max_eig`` | top Hessian eigenvalue by Lanczos, warm-started, and its ``_residual`` | a few HVPs |
+    | ``hessian_top_eigs`` | the ``top_k`` largest eigenvalues ``hessian_eig_i`` and their residuals | more HVPs |
+    | ``preconditioned_max_eig`` | ``λ_max(P⁻¹H)`` for Adam/AdamW/RMSprop/Adagrad (Cohen et al. 2022) | a few HVPs |
+    | ``eos_ratio`` | ``λ_max(S H)`` over the optimizer's edge of stability (1 = at the edge) | free with the above |
+    | ``hessian_trace`` | Hutch++ trace estimate (Meyer et al. 2021) and its ``_stderr`` | ``trace_samples`` HVPs |
     | ``adaptive_avg`` | ``E[L(w+δ)] − L(w)``, ``δ ~ N(0, rho² w²)`` (Andriushchenko et al. 2023) | forwards |
     | ``adaptive_worst`` | worst case of the same within ``‖δ/|w|‖ ≤ rho`` | forward+backward steps |
+
+    The Hessian's eigenvalue density (stochastic Lanczos quadrature, Ghorbani et al. 2019)
+    and its fraction of negative eigenvalues (``sharpness/negative_fraction``) are logged at
+    the end of ``spectrum_epochs``: a W&B line plot, and a figure file in the log directory
+    for every logger. ``per_module=True`` adds ``hessian_max_eig`` and ``hessian_trace`` of
+    each top-level submodule's block of the Hessian, as ``sharpness/<module>/...``.
 
     ``first_order`` and ``grad_norm`` are logged on the Trainer's logging steps
     (``log_every_n_steps``). The others run every ``every_n_steps`` optimizer steps and
@@ -74,8 +86,12 @@ class SharpnessMonitor(Callback):
         rho: Radius of ``first_order`` for modules without SAMMixin (SAMMixin modules
             report their own optimizer's step for free).
         adaptive_rho: Radius of the adaptive measures (relative to ``|w|``).
-        power_iters: At most this many HVPs per top-eigenvalue estimate.
-        power_tol: Relative change that ends power iteration.
+        eig_iters: At most this many Hessian-vector products (Lanczos steps) per eigenvalue estimate.
+        eig_tol: Relative residual ``‖Hv − λv‖/|λ|`` that ends Lanczos (an error bar on ``λ``).
+        top_k: How many eigenvalues ``hessian_top_eigs`` logs.
+        hvp: Hessian-vector products: ``"autograd"`` (double backward), ``"finite_difference"``
+            (two gradients; for models without double backward), or ``"auto"`` (autograd,
+            falling back to finite differences with one warning where double backward raises).
         trace_samples: HVPs per trace estimate.
         adaptive_samples: Forward passes per average-case estimate.
         adaptive_steps: Ascent steps per worst-case estimate.
@@ -84,6 +100,10 @@ class SharpnessMonitor(Callback):
             direction (Li et al. 2018) is logged; needs a ``WandbLogger``.
         landscape_points: Points per landscape curve.
         landscape_radius: The curves span ``[-radius, radius]`` filter-normalized steps.
+        spectrum_epochs: Epochs at whose end the eigenvalue density is logged.
+        spectrum_iters: Lanczos steps per density estimate.
+        spectrum_runs: Random start vectors per density estimate (per rank).
+        per_module: Also measure each top-level submodule's Hessian block.
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` to use instead of ``training_step``.
         seed: Seed of the monitor's own random numbers (never the global generator).
 
@@ -110,8 +130,9 @@ class SharpnessMonitor(Callback):
         ...                      log_every_n_steps=2, enable_checkpointing=False, enable_progress_bar=False,
         ...                      enable_model_summary=False)
         >>> trainer.fit(Regression(), torch.utils.data.DataLoader(data, batch_size=8))
-        >>> sorted(monitor.last_values)
-        ['sharpness/eos_ratio', 'sharpness/first_order', 'sharpness/grad_norm', 'sharpness/hessian_max_eig']
+        >>> sorted(monitor.last_values)  # doctest: +NORMALIZE_WHITESPACE
+        ['sharpness/eos_ratio', 'sharpness/first_order', 'sharpness/grad_norm', 'sharpness/hessian_max_eig',
+         'sharpness/hessian_max_eig_residual']
     """
 
     def __init__(
@@ -120,14 +141,20 @@ class SharpnessMonitor(Callback):
         every_n_steps: int | Mapping[str, int] = 250,
         rho: float = 0.05,
         adaptive_rho: float = 0.1,
-        power_iters: int = 100,
-        power_tol: float = 1e-3,
+        eig_iters: int = 100,
+        eig_tol: float = 1e-2,
+        top_k: int = 3,
+        hvp: str = "auto",
         trace_samples: int = 48,
         adaptive_samples: int = 16,
         adaptive_steps: int = 5,
         landscape_epochs: Sequence[int] = (),
         landscape_points: int = 21,
         landscape_radius: float = 1.0,
+        spectrum_epochs: Sequence[int] = (),
+        spectrum_iters: int = 80,
+        spectrum_runs: int = 1,
+        per_module: bool = False,
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
@@ -150,7 +177,10 @@ class SharpnessMonitor(Callback):
         self.every_n_steps = {m: intervals.get(m, 250) for m in scheduled}
         for name, value in {
             **{f"every_n_steps[{m!r}]": v for m, v in self.every_n_steps.items()},
-            "power_iters": power_iters,
+            "eig_iters": eig_iters,
+            "top_k": top_k,
+            "spectrum_iters": spectrum_iters,
+            "spectrum_runs": spectrum_runs,
             "trace_samples": trace_samples,
             "adaptive_samples": adaptive_samples,
             "adaptive_steps": adaptive_steps,
@@ -158,15 +188,21 @@ class SharpnessMonitor(Callback):
         }.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MisconfigurationException(f"SharpnessMonitor {name} must be a positive integer, got {value!r}.")
-        for name, number in {"rho": rho, "adaptive_rho": adaptive_rho, "power_tol": power_tol}.items():
+        for name, number in {"rho": rho, "adaptive_rho": adaptive_rho, "eig_tol": eig_tol}.items():
             if isinstance(number, bool) or not (
                 isinstance(number, int | float) and math.isfinite(number) and number > 0
             ):
                 raise MisconfigurationException(f"SharpnessMonitor {name} must be a number > 0, got {number!r}.")
-        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in landscape_epochs):
-            raise MisconfigurationException(f"landscape_epochs must be epoch numbers >= 0, got {landscape_epochs!r}.")
+        for name, epochs in {"landscape_epochs": landscape_epochs, "spectrum_epochs": spectrum_epochs}.items():
+            if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in epochs):
+                raise MisconfigurationException(f"{name} must be epoch numbers >= 0, got {epochs!r}.")
+        if hvp not in HVP_BACKENDS:
+            raise MisconfigurationException(f"SharpnessMonitor hvp must be one of {list(HVP_BACKENDS)}, got {hvp!r}.")
         self.rho, self.adaptive_rho = rho, adaptive_rho
-        self.power_iters, self.power_tol = power_iters, power_tol
+        self.eig_iters, self.eig_tol, self.top_k, self.hvp = eig_iters, eig_tol, top_k, hvp
+        self.spectrum_epochs = tuple(spectrum_epochs)
+        self.spectrum_iters, self.spectrum_runs = spectrum_iters, spectrum_runs
+        self.per_module = per_module
         self.trace_samples, self.adaptive_samples, self.adaptive_steps = trace_samples, adaptive_samples, adaptive_steps
         self.landscape_epochs = tuple(landscape_epochs)
         self.landscape_points, self.landscape_radius = landscape_points, landscape_radius
@@ -174,13 +210,14 @@ class SharpnessMonitor(Callback):
         self.seed = seed
         # State that survives checkpoints (``state_dict``).
         self.last_step: dict[str, int] = {}
-        self.estimator_state: dict[str, Any] = {}  # e.g. the warm-start eigenvector
+        self.estimator_state: dict[str, Any] = {}  # the warm-start eigenvectors, per measure (and module)
         self.fixed_batches: list[Any] | None = None  # every rank's fixed batch, on the CPU
         self.fixed_batch: Any = None  # this rank's, on the module's device
         self.rng_state: Tensor = torch.Generator().manual_seed(seed).get_state()
         # What was logged: the last value of each key, and every (step, values) row of this process.
         self.last_values: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.spectra: list[tuple[int, Spectrum]] = []  # (epoch, every rank's runs) of each spectrum_epochs
         self._pending: dict[str, Tensor] = {}
         self._batch: Any = None
         self._batch_rng: Any = None
@@ -188,14 +225,14 @@ class SharpnessMonitor(Callback):
         self._state_key: str | None = None
         self._log_now = False
         self._per_step = [m for m in self.measures if MEASURES[m].per_step]
-        self._scheduled = [m for m in self.measures if not MEASURES[m].per_step]
+        self._scheduled = [m for m in MEASURES if m in self.measures and not MEASURES[m].per_step]  # registry order
         self._shortest_interval = min((self.every_n_steps[m] for m in self._scheduled), default=0)
 
     @property
     def eigenvector(self) -> list[Tensor] | None:
         """The warm start of ``hessian_max_eig``: its last eigenvector (None before the first estimate)."""
-        vector: list[Tensor] | None = self.estimator_state.get("eigenvector")
-        return vector
+        vectors: list[list[Tensor]] | None = self.estimator_state.get("eigenvectors")
+        return None if vectors is None else vectors[0]
 
     @property
     @override
@@ -211,7 +248,7 @@ class SharpnessMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step": dict(self.last_step),
-            "eigenvector": self.eigenvector,
+            "estimator_state": self.estimator_state,
             "fixed_batches": self.fixed_batches,
             "rng_state": self.rng_state,
         }
@@ -219,7 +256,9 @@ class SharpnessMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = dict(state_dict["last_step"])
-        self.estimator_state = {} if state_dict["eigenvector"] is None else {"eigenvector": state_dict["eigenvector"]}
+        self.estimator_state = dict(state_dict.get("estimator_state", {}))
+        if state_dict.get("eigenvector") is not None:  # checkpoints before 0.3 kept hessian_max_eig's vector alone
+            self.estimator_state["eigenvectors"] = [state_dict["eigenvector"]]
         old = state_dict.get("fixed_batch")  # checkpoints of 0.1.0 kept one rank's batch
         self.fixed_batches = state_dict.get("fixed_batches", None if old is None else [old])
         self.rng_state = state_dict["rng_state"]
@@ -254,8 +293,7 @@ class SharpnessMonitor(Callback):
         if self.fixed_batches:
             mine = self.fixed_batches[trainer.global_rank % len(self.fixed_batches)]
             self.fixed_batch = move_data_to_device(mine, pl_module.device)
-        if self.eigenvector is not None:
-            self.estimator_state["eigenvector"] = [v.to(pl_module.device) for v in self.eigenvector]
+        self.estimator_state = move_data_to_device(self.estimator_state, pl_module.device)
 
     @override
     def on_train_batch_start(
@@ -284,7 +322,9 @@ class SharpnessMonitor(Callback):
         )
         for name in self._per_step:
             with self._unless_unavailable(name):
-                self._pending[name] = MEASURES[name].estimate(step).detach().float()
+                value = MEASURES[name].estimate(step)
+                outputs = value if isinstance(value, dict) else {name: value}
+                self._pending.update({key: v.detach().float() for key, v in outputs.items()})
 
     @override
     def on_train_batch_end(
@@ -300,8 +340,60 @@ class SharpnessMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch not in self.landscape_epochs or self.fixed_batch is None:
+        if self.fixed_batch is None:
             return
+        if trainer.current_epoch in self.spectrum_epochs:
+            self._log_spectrum(trainer, pl_module)
+        if trainer.current_epoch in self.landscape_epochs:
+            self._log_landscape(trainer, pl_module)
+
+    def _log_spectrum(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The eigenvalue density on the fixed batch: every rank's runs together, a plot, and the negative fraction."""
+        spectrum = None
+        with self._measuring(pl_module) as (loss_fn, params, generator):
+            if not params:
+                return
+            if any(isinstance(p, DTensor) for p in params):
+                self._warn_once("spectrum", f"SharpnessMonitor: spectrum_epochs is skipped: {_SHARDED}")
+                return
+            with self._unless_unavailable("spectrum"):
+                spectrum = sharpness.hessian_spectrum(
+                    loss_fn,
+                    params,
+                    iters=self.spectrum_iters,
+                    runs=self.spectrum_runs,
+                    hvp=self.hvp,
+                    generator=generator,
+                )
+        if spectrum is None:
+            return
+        if trainer.world_size > 1:
+            gathered = [
+                trainer.strategy.all_gather(t.to(trainer.strategy.root_device)).reshape(-1, t.shape[-1]).cpu()
+                for t in (spectrum.nodes, spectrum.weights)
+            ]
+            spectrum = Spectrum(*gathered)
+        epoch, step = trainer.current_epoch, trainer.global_step
+        self.spectra.append((epoch, spectrum))
+        self._log(trainer, {"negative_fraction": spectrum.negative_fraction()})
+        log_dir = trainer.log_dir  # a collective on DDP (a broadcast of rank zero's): every rank asks
+        if not trainer.is_global_zero:
+            return
+        title = f"Hessian eigenvalue density, epoch {epoch}"
+        wandb_logger = find_wandb_logger(trainer.loggers)
+        if wandb_logger is not None:
+            grid, density = density_curve(spectrum)
+            curves = {"log10 density": density.clamp_min(1e-12).log10()}
+            log_line_plot(wandb_logger, "sharpness/spectrum", grid, curves, step, title, xname="Hessian eigenvalue")
+        path = Path(log_dir or trainer.default_root_dir) / "sharpness" / f"spectrum_epoch{epoch:03d}.png"
+        try:
+            save_spectrum_figure({"density": spectrum}, path, title)
+        except ImportError:
+            self._warn_once(
+                "matplotlib", "SharpnessMonitor: the spectrum figure needs matplotlib: pip install matplotlib."
+            )
+
+    def _log_landscape(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         wandb_logger = find_wandb_logger(trainer.loggers)
         if wandb_logger is None:
             return
@@ -322,13 +414,14 @@ class SharpnessMonitor(Callback):
             )
         curves = trainer.strategy.reduce(curves.float(), reduce_op="mean")
         if trainer.is_global_zero:
-            log_landscape(
+            log_line_plot(
                 wandb_logger,
                 "sharpness/landscape",
                 alphas,
                 {"gradient direction": curves[0].cpu(), "random direction": curves[1].cpu()},
                 step=trainer.global_step,
                 title=f"Loss along filter-normalized directions, epoch {trainer.current_epoch}",
+                xname="step along the filter-normalized direction",
             )
 
     @override
@@ -344,47 +437,58 @@ class SharpnessMonitor(Callback):
             for m in self._scheduled
             if self.last_step.get(m) != step and (at_end or (step > 0 and step % self.every_n_steps[m] == 0))
         ]
-        for name in list(due):  # what they need, fresh (the ratio needs this step's eigenvalue)
-            due[:0] = [n for n in MEASURES[name].needs if n not in due and self.last_step.get(n) != step]
         if not due:
             return {}
         if self.fixed_batch is None:
             self._warn_once("no_batch", "SharpnessMonitor: no training batch was seen, so nothing could be measured.")
             return {}
-        values: dict[str, Tensor] = {}
+        logged: dict[str, Tensor] = {}
         with self._measuring(pl_module) as (loss_fn, params, generator):
             if not params:
                 self._warn_once("no_params", "SharpnessMonitor: the module has no trainable parameter to measure.")
                 return {}
-            batch = FixedBatch(
-                loss_fn,
-                params,
-                generator,
-                trainer.optimizers[0] if trainer.optimizers else None,
-                self,
-                self.estimator_state,
-                values,
-            )
             if any(isinstance(p, DTensor) for p in params):
                 skipped = [name for name in due if not MEASURES[name].sharded]
                 if skipped:
                     self._warn_once("sharded", f"SharpnessMonitor: {skipped} are skipped: {_SHARDED}")
                 due = [name for name in due if MEASURES[name].sharded]
-            for name in due:
-                with self._unless_unavailable(name):
-                    values[name] = MEASURES[name].estimate(batch).detach().float()
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            blocks = [("", params, self.estimator_state, due)]
+            if self.per_module:
+                per_module = [m for m in due if m in PER_MODULE_MEASURES]
+                blocks += [
+                    (f"{name}/", block, self.estimator_state.setdefault(f"module:{name}", {}), per_module)
+                    for name, block in _top_level_blocks(pl_module)
+                ]
+            for prefix, block, state, names in blocks:
+                batch = FixedBatch(loss_fn, block, generator, optimizer, self, state)
+                for name in names:
+                    with self._unless_unavailable(name):
+                        value = MEASURES[name].estimate(batch)
+                        outputs = value if isinstance(value, dict) else {name: value}
+                        if name in outputs:  # hessian_top_eigs has no value of its own name
+                            batch.values[name] = outputs[name]
+                        logged.update({prefix + key: v.detach().float() for key, v in outputs.items()})
         for m in due:
             self.last_step[m] = step
-        return {m: v for m, v in values.items() if m in self.measures}
+        return logged
 
     @contextmanager
     def _unless_unavailable(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except Unavailable as reason:
-            self._warn_once(name, f"SharpnessMonitor: {name} is skipped: {reason}")
-        except NotThisStep:
-            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", HVPFallbackWarning)
+            try:
+                yield
+            except Unavailable as reason:
+                self._warn_once(name, f"SharpnessMonitor: {name} is skipped: {reason}")
+            except NotThisStep:
+                pass
+        for warning in caught:
+            if issubclass(warning.category, HVPFallbackWarning):
+                self.hvp = "finite_difference"  # from now on, without trying double backward again
+                self._warn_once("hvp", f"SharpnessMonitor: {warning.message}")
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
     @contextmanager
     def _measuring(
@@ -464,6 +568,14 @@ _SHARDED = (
     "fixed batch's loss from torch.autograd (Hessian-vector products are a double backward) or whole parameters, "
     "which sharded modules do not give; first_order and grad_norm are measured."
 )
+
+
+def _top_level_blocks(pl_module: pl.LightningModule) -> list[tuple[str, list[Tensor]]]:
+    """Each top-level submodule's trainable parameters (the blocks of ``per_module``)."""
+    blocks: list[tuple[str, list[Tensor]]] = [
+        (name, [p for p in child.parameters() if p.requires_grad]) for name, child in pl_module.named_children()
+    ]
+    return [(name, params) for name, params in blocks if params]
 
 
 def _every_ranks(trainer: pl.Trainer, mine: Any) -> list[Any]:

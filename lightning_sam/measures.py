@@ -19,9 +19,10 @@ from torch import Tensor
 
 from lightning_sam import sharpness
 from lightning_sam.functional import grad_norm_squared, perturb_, restore_
-from lightning_sam.optimizer import SAM
+from lightning_sam.hessian import TopEigenpairs
+from lightning_sam.stability import NoStateYet, StepRule, step_rule
 
-__all__ = ["MEASURES", "FixedBatch", "Measure", "NotThisStep", "TrainingStep", "Unavailable"]
+__all__ = ["MEASURES", "PER_MODULE_MEASURES", "FixedBatch", "Measure", "NotThisStep", "TrainingStep", "Unavailable"]
 
 LossFn = Callable[[], Tensor]
 
@@ -53,8 +54,8 @@ class FixedBatch:
     params: list[Tensor]
     generator: torch.Generator
     optimizer: torch.optim.Optimizer | None
-    settings: Any  # the SharpnessMonitor: power_iters, power_tol, trace_samples, adaptive_rho, ...
-    state: dict[str, Any]  # kept across calls and checkpoints (the warm-start eigenvector)
+    settings: Any  # the SharpnessMonitor: eig_iters, eig_tol, top_k, hvp, trace_samples, adaptive_rho, ...
+    state: dict[str, Any]  # kept across calls and checkpoints (the warm-start eigenvectors)
     values: dict[str, Tensor] = field(default_factory=dict)  # measures computed earlier in this round
 
 
@@ -64,18 +65,17 @@ class Measure:
 
     Attributes:
         estimate: Computes the value from a ``TrainingStep`` (per step) or a
-            ``FixedBatch`` (scheduled); raises ``Unavailable`` when it cannot.
+            ``FixedBatch`` (scheduled): a tensor, or a dict of the measure's own key and
+            more (its error bar); raises ``Unavailable`` when it cannot, ``NotThisStep``
+            when it has nothing this time.
         per_step: Per step (True) or scheduled (False).
-        needs: Scheduled measures computed first in the same round (``eos_ratio`` needs
-            ``hessian_max_eig``).
         summary: One line for the docs and error messages.
         sharded: Whether it works on sharded (DTensor) parameters, as FSDP2 and tensor
             parallelism make them; the others are skipped there, with one warning.
     """
 
-    estimate: Callable[[Any], Tensor]
+    estimate: Callable[[Any], Tensor | dict[str, Tensor]]
     per_step: bool
-    needs: tuple[str, ...] = ()
     summary: str = ""
     sharded: bool = False
 
@@ -104,33 +104,73 @@ def _grad_norm(step: TrainingStep) -> Tensor:
     return grad_norm_squared(step.params, step.grads).sqrt()
 
 
-def _hessian_max_eig(batch: FixedBatch) -> Tensor:
+def _top_eigs(batch: FixedBatch, k: int, key: str, preconditioner: list[Tensor] | None = None) -> TopEigenpairs:
+    """Lanczos on the fixed batch, warm-started from (and saving) ``batch.state[key]``."""
     s = batch.settings
-    value, batch.state["eigenvector"] = sharpness.hessian_max_eig(
+    top = sharpness.hessian_top_eigs(
         batch.loss_fn,
         batch.params,
-        max_iters=s.power_iters,
-        tol=s.power_tol,
-        init=batch.state.get("eigenvector"),
+        k,
+        max_iters=max(s.eig_iters, k),
+        tol=s.eig_tol,
+        init=batch.state.get(key),
+        preconditioner=preconditioner,
+        hvp=s.hvp,
         generator=batch.generator,
     )
-    return value
+    batch.state[key] = top.eigenvectors
+    return top
+
+
+def _hessian_max_eig(batch: FixedBatch) -> dict[str, Tensor]:
+    top = _top_eigs(batch, 1, "eigenvectors")
+    return {"hessian_max_eig": top.eigenvalues[0], "hessian_max_eig_residual": top.residuals[0]}
+
+
+def _hessian_top_eigs(batch: FixedBatch) -> dict[str, Tensor]:
+    top = _top_eigs(batch, batch.settings.top_k, "top_eigenvectors")
+    values = {f"hessian_eig_{i + 1}": v for i, v in enumerate(top.eigenvalues)}
+    values.update({f"hessian_eig_{i + 1}_residual": r for i, r in enumerate(top.residuals)})
+    return values
+
+
+def _rule(batch: FixedBatch) -> StepRule:
+    if batch.optimizer is None:
+        raise Unavailable("the Trainer has no optimizer.")
+    try:
+        return step_rule(batch.optimizer, batch.params)
+    except NoStateYet as why:
+        raise NotThisStep from why
+    except ValueError as why:
+        raise Unavailable(str(why)) from why
+
+
+def _preconditioned_max_eig(batch: FixedBatch) -> dict[str, Tensor]:
+    rule = _rule(batch)
+    if rule.preconditioner is None:
+        raise Unavailable(
+            "SGD has no preconditioner (it is the identity): its sharpness is hessian_max_eig. "
+            "preconditioned_max_eig is for Adam, AdamW, RMSprop and Adagrad."
+        )
+    top = _top_eigs(batch, 1, "preconditioned_eigenvectors", rule.preconditioner)
+    return {"preconditioned_max_eig": top.eigenvalues[0], "preconditioned_max_eig_residual": top.residuals[0]}
 
 
 def _eos_ratio(batch: FixedBatch) -> Tensor:
-    threshold = stability_threshold(batch.optimizer)
-    if threshold is None:
-        raise Unavailable(
-            "eos_ratio needs an SGD (or SAM over SGD) optimizer, whose stability threshold is (2 + 2·momentum)/lr; "
-            "it is not logged for this optimizer."
-        )
-    return batch.values["hessian_max_eig"] / threshold
+    """``λ_max(S H)/c``, reusing this round's ``λ_max(H)`` (SGD) or ``λ_max(P⁻¹H)`` when there is one learning rate."""
+    rule = _rule(batch)
+    measured = "hessian_max_eig" if rule.preconditioner is None else "preconditioned_max_eig"
+    if rule.lr is not None and measured in batch.values:
+        return batch.values[measured] * rule.lr / rule.edge
+    return _top_eigs(batch, 1, "eos_eigenvectors", rule.step_preconditioner).eigenvalues[0] / rule.edge
 
 
-def _hessian_trace(batch: FixedBatch) -> Tensor:
-    return sharpness.hessian_trace(
-        batch.loss_fn, batch.params, samples=batch.settings.trace_samples, generator=batch.generator
+def _hessian_trace(batch: FixedBatch) -> dict[str, Tensor]:
+    s = batch.settings
+    trace, stderr = sharpness.hessian_trace(
+        batch.loss_fn, batch.params, samples=s.trace_samples, hvp=s.hvp, generator=batch.generator
     )
+    return {"hessian_trace": trace, "hessian_trace_stderr": stderr}
 
 
 def _adaptive_avg(batch: FixedBatch) -> Tensor:
@@ -149,21 +189,23 @@ MEASURES: dict[str, Measure] = {
     "first_order": Measure(_first_order, per_step=True, summary="L(w+e) − L(w), e = rho·g/‖g‖ (Foret et al. 2021)"),
     "grad_norm": Measure(_grad_norm, per_step=True, summary="‖g‖ of the gradient the optimizer steps with"),
     "hessian_max_eig": Measure(
-        _hessian_max_eig, per_step=False, summary="top Hessian eigenvalue, warm-started power iteration"
+        _hessian_max_eig, per_step=False, summary="top Hessian eigenvalue (Lanczos, warm-started) and its residual"
+    ),
+    "hessian_top_eigs": Measure(
+        _hessian_top_eigs, per_step=False, summary="the top_k Hessian eigenvalues (Lanczos) and their residuals"
+    ),
+    "preconditioned_max_eig": Measure(
+        _preconditioned_max_eig, per_step=False, summary="λ_max(P⁻¹H), P an adaptive optimizer's (Cohen et al. 2022)"
     ),
     "eos_ratio": Measure(
-        _eos_ratio, per_step=False, needs=("hessian_max_eig",), summary="λ_max over SGD's threshold (2+2β)/lr"
+        _eos_ratio, per_step=False, summary="λ_max(S H) over the optimizer's edge of stability (1 = at the edge)"
     ),
-    "hessian_trace": Measure(_hessian_trace, per_step=False, summary="Hutch++ estimate of the Hessian trace"),
+    "hessian_trace": Measure(
+        _hessian_trace, per_step=False, summary="Hutch++ estimate of the Hessian trace and its standard error"
+    ),
     "adaptive_avg": Measure(_adaptive_avg, per_step=False, summary="E[L(w+δ)] − L(w), δ ~ N(0, rho² w²)"),
     "adaptive_worst": Measure(_adaptive_worst, per_step=False, summary="max over ‖δ/|w|‖ ≤ rho of L(w+δ) − L(w)"),
 }
 
-
-def stability_threshold(optimizer: torch.optim.Optimizer | None) -> float | None:
-    """``(2 + 2β)/lr`` for (heavy-ball) SGD, the edge of stability (Cohen et al. 2021); None otherwise."""
-    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-    if not isinstance(base, torch.optim.SGD):
-        return None
-    group = base.param_groups[0]
-    return float((2 + 2 * group.get("momentum", 0.0)) / group["lr"])
+# What ``SharpnessMonitor(per_module=True)`` also measures on each top-level submodule's block of the Hessian.
+PER_MODULE_MEASURES = ("hessian_max_eig", "hessian_trace")

@@ -14,7 +14,7 @@ Examples:
     >>> eigenvalue, _ = hessian_max_eig(loss_fn, [w])
     >>> round(eigenvalue.item(), 4)
     6.0
-    >>> hessian_trace(loss_fn, [w]).item()
+    >>> hessian_trace(loss_fn, [w]).trace.item()
     7.0
 """
 
@@ -27,14 +27,34 @@ import torch
 from torch import Tensor
 
 from lightning_sam.functional import grad_norm_squared, perturb_, restore_
+from lightning_sam.hessian import (
+    HVP_BACKENDS,
+    HessianOperator,
+    HVPFallbackWarning,
+    Spectrum,
+    TopEigenpairs,
+    TraceEstimate,
+    hessian_spectrum,
+    hessian_top_eigs,
+    hessian_trace,
+    hessian_vector_product,
+)
 
 __all__ = [
+    "HVP_BACKENDS",
+    "HVPFallbackWarning",
+    "HessianOperator",
+    "Spectrum",
+    "TopEigenpairs",
+    "TraceEstimate",
     "adaptive_sharpness_avg",
     "adaptive_sharpness_worst",
     "filter_normalized",
     "first_order_sharpness",
     "gradients",
     "hessian_max_eig",
+    "hessian_spectrum",
+    "hessian_top_eigs",
     "hessian_trace",
     "hessian_vector_product",
     "loss_along",
@@ -63,51 +83,6 @@ def _restored(params: Sequence[Tensor]) -> Iterator[list[Tensor]]:
             restore_(list(params), saved)
 
 
-class _HessianOperator:
-    """``v -> H v`` for the Hessian of ``loss_fn`` at the current parameters.
-
-    One forward and one backward with ``create_graph=True`` build the graph of the
-    gradient once; each product is then one more backward through it (Pearlmutter's
-    trick), with ``retain_graph`` so that power iteration can reuse it.
-    """
-
-    def __init__(self, loss_fn: LossFn, params: Sequence[Tensor]) -> None:
-        self.params = list(params)
-        with torch.enable_grad():
-            self.loss = loss_fn()
-            grads = torch.autograd.grad(self.loss, self.params, create_graph=True, allow_unused=True)
-        self.grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads, strict=True)]
-
-    def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
-        # Gradients that do not depend on the parameters (unused ones, or ones the loss is linear in) add nothing.
-        live = [i for i, g in enumerate(self.grads) if g.requires_grad]
-        if not live:
-            return [torch.zeros_like(p) for p in self.params]
-        with torch.enable_grad():
-            products = torch.autograd.grad(
-                [self.grads[i] for i in live],
-                self.params,
-                grad_outputs=[vectors[i] for i in live],
-                retain_graph=True,
-                allow_unused=True,
-            )
-        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, products, strict=True)]
-
-
-def hessian_vector_product(loss_fn: LossFn, params: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor]:
-    """Return ``H v``, the Hessian of ``loss_fn`` at ``params`` times ``vectors``.
-
-    Args:
-        loss_fn: Computes the loss at the current parameters.
-        params: The parameters (leaf tensors that require grad).
-        vectors: One tensor per parameter, of its shape.
-
-    Returns:
-        One tensor per parameter.
-    """
-    return _HessianOperator(loss_fn, params)(vectors)
-
-
 def gradients(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     """``∂loss/∂params``, zeros for parameters the loss does not use."""
     with torch.enable_grad():
@@ -127,103 +102,40 @@ def hessian_max_eig(
     params: Sequence[Tensor],
     *,
     max_iters: int = 100,
-    tol: float = 1e-4,
+    tol: float = 1e-2,
     init: Sequence[Tensor] | None = None,
+    hvp: str = "auto",
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    r"""Top (largest-magnitude) Hessian eigenvalue by power iteration on Hessian-vector products.
+    r"""The top Hessian eigenvalue and its eigenvector: ``hessian_top_eigs`` with ``k=1``.
 
-    ``v ← H v / ‖H v‖`` until the Rayleigh quotient ``λ = vᵀ H v`` changes by less than
-    ``tol·|λ|`` (Yao et al. 2020, PyHessian; the measure of Cohen et al. 2021, "Gradient
-    descent on neural networks typically occurs at the edge of stability"). Warm-started
-    from the last eigenvector, it usually needs a few products.
+    The measure of Cohen et al. 2021 ("Gradient descent on neural networks typically occurs
+    at the edge of stability"), by Lanczos; warm-started from the last eigenvector it usually
+    needs a few products.
 
     Args:
         loss_fn: Computes the loss at the current parameters.
         params: The parameters.
         max_iters: At most this many Hessian-vector products.
-        tol: Relative change of ``λ`` that stops the iteration.
+        tol: Relative residual ``‖Hv − λv‖/|λ|`` that ends the iteration.
         init: Starting vector (e.g. the eigenvector of the previous call); random otherwise.
+        hvp: The Hessian-vector product backend (see ``HessianOperator``).
         generator: For the random start.
 
     Returns:
         ``λ`` (a 0-dim float tensor) and its unit eigenvector (one tensor per parameter).
     """
-    operator = _HessianOperator(loss_fn, params)
-    v = [t.detach().clone() for t in init] if init is not None else _random_like(params, generator, rademacher=False)
-    norm = _norm(v)
-    v = [t / norm for t in v]
-    eigenvalue = torch.zeros((), device=params[0].device)
-    for i in range(max_iters):
-        hv = operator(v)
-        new = _dot(hv, v)
-        norm = _norm(hv)
-        if norm == 0:
-            return norm, v
-        v = [t / norm for t in hv]
-        if i > 0 and (new - eigenvalue).abs() <= tol * new.abs():
-            return new, v
-        eigenvalue = new
-    return eigenvalue, v
-
-
-def hessian_trace(
-    loss_fn: LossFn,
-    params: Sequence[Tensor],
-    *,
-    samples: int = 48,
-    method: str = "hutch++",
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    r"""Randomized estimate of the Hessian trace from ``samples`` Hessian-vector products.
-
-    ``method="hutchinson"``: the mean of ``zᵀ H z`` over Rademacher vectors ``z``
-    (Hutchinson 1990; PyHessian, Yao et al. 2020), unbiased with variance
-    ``2(‖H‖_F² − Σ H_ii²)/samples``. ``method="hutch++"`` (the default; Meyer, Musco,
-    Musco & Woodruff 2021): a third of the products sketch the top of the spectrum,
-    ``Q = orth(H S)``, whose trace ``tr(QᵀHQ)`` is taken exactly, and Hutchinson's
-    estimator with Rademacher vectors handles the rest, ``(I − QQᵀ) H (I − QQᵀ)``.
-    Also unbiased, with far less variance when the spectrum decays, as Hessians of
-    networks do; it keeps ``2·samples/3`` flat parameter-sized vectors during the call.
-    Hutchinson's is exact for a diagonal Hessian, Hutch++ once ``samples/3`` reaches the
-    Hessian's rank.
-
-    Args:
-        loss_fn: Computes the loss at the current parameters.
-        params: The parameters.
-        samples: Number of Hessian-vector products.
-        method: ``"hutch++"`` or ``"hutchinson"``.
-        generator: For the random vectors.
-
-    Returns:
-        The estimate (0-dim tensor).
-    """
-    if method not in ("hutch++", "hutchinson"):
-        raise ValueError(f"Unknown trace method {method!r}: use 'hutch++' or 'hutchinson'.")
-    operator = _HessianOperator(loss_fn, params)
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
-
-    def matvec(flat: Tensor) -> Tensor:
-        vectors = [t.view(shape) for t, shape in zip(torch.split(flat, sizes), shapes, strict=True)]
-        return torch.cat([h.flatten() for h in operator(vectors)])
-
-    def rademacher() -> Tensor:
-        return torch.cat([z.flatten() for z in _random_like(params, generator, rademacher=True)])
-
-    if method == "hutchinson" or samples < 3:
-        return torch.stack([torch.dot(z, matvec(z)) for z in (rademacher() for _ in range(samples))]).mean()
-    k = samples // 3
-    sketch = torch.stack([matvec(rademacher()) for _ in range(k)], dim=1)  # n x k
-    q, _ = torch.linalg.qr(sketch)
-    del sketch
-    top = torch.stack([torch.dot(q[:, i], matvec(q[:, i])) for i in range(q.shape[1])]).sum()
-    rest = []
-    for _ in range(samples - 2 * k):
-        g = rademacher()
-        g = g - q @ (q.T @ g)
-        rest.append(torch.dot(g, matvec(g)))
-    return top + torch.stack(rest).mean()
+    top = hessian_top_eigs(
+        loss_fn,
+        params,
+        1,
+        max_iters=max_iters,
+        tol=tol,
+        init=None if init is None else [init],
+        hvp=hvp,
+        generator=generator,
+    )
+    return top.eigenvalues[0], top.eigenvectors[0]
 
 
 def first_order_sharpness(loss_fn: LossFn, params: Sequence[Tensor], rho: float = 0.05) -> Tensor:

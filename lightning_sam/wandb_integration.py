@@ -1,4 +1,4 @@
-"""Everything W&B-specific: metric definitions and the loss-landscape line plot.
+"""Everything W&B-specific: metric definitions and line plots (loss landscape, eigenvalue density).
 
 Only [`SharpnessMonitor`][lightning_sam.SharpnessMonitor] calls these, on rank zero, when
 the Trainer has a ``WandbLogger``; other loggers get the plain scalars.
@@ -12,7 +12,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import Tensor
 
-__all__ = ["define_sharpness_metrics", "find_wandb_logger", "log_landscape"]
+__all__ = ["define_sharpness_metrics", "find_wandb_logger", "log_line_plot"]
 
 
 def find_wandb_logger(loggers: Sequence[Logger]) -> WandbLogger | None:
@@ -27,26 +27,27 @@ def define_sharpness_metrics(logger: WandbLogger, prefix: str = "sharpness") -> 
     experiment.define_metric(f"{prefix}/*", step_metric="trainer/global_step", summary="min,max,last")
 
 
-def log_landscape(
-    logger: WandbLogger, key: str, alphas: Tensor, curves: Mapping[str, Tensor], step: int, title: str
+def log_line_plot(
+    logger: WandbLogger, key: str, xs: Tensor, curves: Mapping[str, Tensor], step: int, title: str, xname: str
 ) -> None:
-    """Log 1-D loss-landscape slices as one W&B line plot (``wandb.plot.line_series``).
+    """Log curves over a common x axis as one W&B line plot (``wandb.plot.line_series``).
 
     Args:
         logger: The Trainer's ``WandbLogger``.
         key: The panel's key, e.g. ``"sharpness/landscape"``.
-        alphas: The step sizes along each direction (x axis).
-        curves: One loss curve per direction name, each of ``len(alphas)`` values.
+        xs: The x values.
+        curves: One curve per name, each of ``len(xs)`` values.
         step: The ``trainer/global_step`` to log it at.
         title: The plot's title.
+        xname: The x axis' label.
     """
     import wandb
 
     plot = wandb.plot.line_series(
-        xs=alphas.tolist(),
+        xs=xs.tolist(),
         ys=[curve.tolist() for curve in curves.values()],
         keys=list(curves),
         title=title,
-        xname="step along the filter-normalized direction",
+        xname=xname,
     )
     logger.experiment.log({key: plot, "trainer/global_step": step})

@@ -71,7 +71,8 @@ class RecordingMonitor(SharpnessMonitor):
     """Keeps what each rank measured and what came out of the cross-rank mean."""
 
     def __init__(self) -> None:
-        super().__init__(measures=list(MEASURES), every_n_steps=2)
+        measures = [m for m in MEASURES if m != "preconditioned_max_eig"]  # SGD has no preconditioner
+        super().__init__(measures=measures, every_n_steps=2, spectrum_epochs=[0], spectrum_iters=10, spectrum_runs=2)
         self.local: list[torch.Tensor] = []
         self.reduced: list[torch.Tensor] = []
 
@@ -119,6 +120,7 @@ def run(mode: str, out_dir: Path) -> None:
             "reduced": monitor.reduced,
             "last_values": monitor.last_values,
             "checkpointed_batches": monitor.state_dict()["fixed_batches"],  # what rank 0 writes into a checkpoint
+            "spectra": [(epoch, s.nodes, s.weights) for epoch, s in monitor.spectra],
         }
         torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
         return

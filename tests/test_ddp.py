@@ -221,7 +221,7 @@ def test_per_device_and_synced_ascent_differ() -> None:
 
 def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(ddp_runs: Path) -> None:
     ranks = ranks_of(ddp_runs, "monitor")
-    assert len(ranks[0]["local"]) == len(ranks[1]["local"]) == 4, "4 steps, each logged"
+    assert len(ranks[0]["local"]) == len(ranks[1]["local"]) == 5, "4 steps, each logged, and the spectrum's epoch end"
     for local0, local1, reduced0, reduced1 in zip(
         ranks[0]["local"], ranks[1]["local"], ranks[0]["reduced"], ranks[1]["reduced"], strict=True
     ):
@@ -240,3 +240,7 @@ def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(ddp_runs: 
     assert len(logged) == 1, "one logger, on rank zero"
     header = logged[0].read_text().splitlines()[0]
     assert all(f"sharpness/{m}" in header for m in ("first_order", "hessian_max_eig", "adaptive_worst"))
+    (epoch0, nodes0, weights0), (epoch1, nodes1, weights1) = ranks[0]["spectra"][0], ranks[1]["spectra"][0]
+    assert epoch0 == epoch1 == 0 and nodes0.shape == (WORLD * 2, 10), "both ranks' runs, 2 each"
+    assert torch.equal(nodes0, nodes1) and torch.equal(weights0, weights1)
+    assert not torch.allclose(nodes0[:2], nodes0[2:]), "each rank's own batch"

@@ -25,7 +25,18 @@ from torch import nn
 from lightning_sam import SharpnessMonitor
 from lightning_sam.measures import MEASURES
 
-ALL = list(MEASURES)
+ALL = [m for m in MEASURES if m != "preconditioned_max_eig"]  # every measure an SGD run has
+ERROR_BARS = {
+    "hessian_max_eig": ["hessian_max_eig", "hessian_max_eig_residual"],
+    "hessian_top_eigs": [f"hessian_eig_{i}{end}" for i in (1, 2, 3) for end in ("", "_residual")],
+    "preconditioned_max_eig": ["preconditioned_max_eig", "preconditioned_max_eig_residual"],
+    "hessian_trace": ["hessian_trace", "hessian_trace_stderr"],
+}
+
+
+def logged_keys(measures: list[str]) -> set[str]:
+    """What the measures log with the default top_k=3: each its value, and its error bar where it has one."""
+    return {f"sharpness/{key}" for m in measures for key in ERROR_BARS.get(m, [m])}
 
 
 class Recording(SharpnessMonitor):
@@ -96,6 +107,124 @@ def test_logged_hessian_measures_match_the_exact_hessian(tmp_path: Path) -> None
     assert monitor.last_values["sharpness/hessian_max_eig"] == pytest.approx(top, rel=0.01)
     assert monitor.last_values["sharpness/hessian_trace"] == pytest.approx(torch.trace(hessian).item(), rel=0.1)
     assert monitor.last_values["sharpness/eos_ratio"] == pytest.approx(top * 0.1 / 2, rel=0.01)
+
+
+class TinyAdam(Tiny):
+    """Two parameter groups (learning rates 1e-2 and 5e-3): the step S = diag(lr_g) P⁻¹ differs per group."""
+
+    def configure_optimizers(self) -> Any:
+        first, second = self.net[0], self.net[2]
+        return torch.optim.AdamW(
+            [{"params": first.parameters()}, {"params": second.parameters(), "lr": 5e-3}], lr=1e-2, betas=(0.9, 0.99)
+        )
+
+
+def test_adam_preconditioned_sharpness_and_its_edge_of_stability_match_the_exact_hessian(tmp_path: Path) -> None:
+    module = TinyAdam().double()
+    measures = ["hessian_top_eigs", "preconditioned_max_eig", "eos_ratio"]
+    monitor = SharpnessMonitor(measures=measures, every_n_steps=3, top_k=2)
+    fit = trainer(max_epochs=3, precision="64-true", logger=csv_logger(tmp_path), callbacks=[monitor])
+    fit.fit(module, loader())
+    hessian = exact_hessian(module, monitor.fixed_batch)
+    optimizer = fit.optimizers[0]
+    p_diag, lrs = [], []
+    for group in optimizer.param_groups:  # P = (1 - β1^t)(sqrt(v / (1 - β2^t)) + ε), by hand
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        for p in group["params"]:
+            state, t = optimizer.state[p], float(optimizer.state[p]["step"])
+            p_diag.append(((1 - beta1**t) * ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)).flatten())
+            lrs.append(torch.full((p.numel(),), group["lr"], dtype=torch.float64))
+    p_inv, step = 1 / torch.cat(p_diag), torch.cat(lrs) / torch.cat(p_diag)
+    preconditioned = torch.linalg.eigvals(torch.diag(p_inv) @ hessian).real.max().item()
+    at_the_edge = torch.linalg.eigvals(torch.diag(step) @ hessian).real.max().item() / ((2 + 2 * 0.9) / (1 - 0.9))
+    values = monitor.last_values
+    assert values["sharpness/preconditioned_max_eig"] == pytest.approx(preconditioned, rel=0.01)
+    assert values["sharpness/eos_ratio"] == pytest.approx(at_the_edge, rel=0.01)
+    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    assert [values["sharpness/hessian_eig_1"], values["sharpness/hessian_eig_2"]] == pytest.approx(
+        exact[:2].tolist(), rel=0.01
+    )
+    assert 0 < values["sharpness/hessian_eig_1_residual"] <= 0.01
+
+
+class TwoBlocks(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.net(x)))  # type: ignore[no-any-return]
+
+
+def test_per_module_measures_each_top_level_block_of_the_hessian(tmp_path: Path) -> None:
+    module = TwoBlocks().double()
+    monitor = SharpnessMonitor(measures=["hessian_max_eig", "hessian_trace"], every_n_steps=3, per_module=True)
+    fit = trainer(max_epochs=1, precision="64-true", logger=csv_logger(tmp_path), callbacks=[monitor])
+    fit.fit(module, loader())
+    hessian = exact_hessian(module, monitor.fixed_batch)
+    sizes = {name: sum(p.numel() for p in child.parameters()) for name, child in module.named_children()}
+    start = 0
+    for name in ("net", "head"):  # the parameters' order in named_parameters
+        block = hessian[start : start + sizes[name], start : start + sizes[name]]
+        start += sizes[name]
+        assert monitor.last_values[f"sharpness/{name}/hessian_max_eig"] == pytest.approx(
+            torch.linalg.eigvalsh(block).max().item(), rel=0.01
+        )
+        trace = monitor.last_values[f"sharpness/{name}/hessian_trace"]
+        stderr = monitor.last_values[f"sharpness/{name}/hessian_trace_stderr"]
+        assert abs(trace - torch.trace(block).item()) <= 4 * stderr + 1e-6 * abs(trace)  # logged in float32
+    assert monitor.last_values["sharpness/hessian_max_eig"] == pytest.approx(
+        torch.linalg.eigvalsh(hessian).max().item(), rel=0.01
+    )
+
+
+def test_spectrum_epochs_log_the_density_figure_and_the_negative_fraction(tmp_path: Path) -> None:
+    module = Tiny().double()
+    monitor = SharpnessMonitor(measures=["grad_norm"], spectrum_epochs=[0, 2], spectrum_iters=40, spectrum_runs=4)
+    logger = csv_logger(tmp_path)
+    fit = trainer(max_epochs=3, precision="64-true", logger=logger, callbacks=[monitor])
+    fit.fit(module, loader())
+    assert [epoch for epoch, _ in monitor.spectra] == [0, 2]
+    spectrum = monitor.spectra[-1][1]
+    eigenvalues = torch.linalg.eigvalsh(exact_hessian(module, monitor.fixed_batch))
+    assert spectrum.nodes.max().item() == pytest.approx(eigenvalues.max().item(), rel=1e-4), "Lanczos' extreme node"
+    assert spectrum.nodes.min().item() == pytest.approx(eigenvalues.min().item(), rel=1e-3), "and the other extreme"
+    figures = sorted(p.name for p in (Path(logger.log_dir) / "sharpness").glob("*.png"))
+    assert figures == ["spectrum_epoch000.png", "spectrum_epoch002.png"]
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        logged = [
+            float(row["sharpness/negative_fraction"])
+            for row in csv.DictReader(f)
+            if row.get("sharpness/negative_fraction")
+        ]
+    assert logged == pytest.approx([s.negative_fraction().item() for _, s in monitor.spectra])
+
+
+class NoDoubleBackward(Tiny):
+    """A custom autograd function without double backward (as fused attention kernels are)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from test_hessian import NoDoubleBackwardTanh
+
+        return self.net[2](NoDoubleBackwardTanh.apply(self.net[0](x)))  # type: ignore[no-any-return]
+
+
+def test_models_without_double_backward_fall_back_to_finite_differences_with_one_warning(tmp_path: Path) -> None:
+    module = NoDoubleBackward().double()
+    monitor = SharpnessMonitor(measures=["hessian_max_eig", "hessian_trace"], every_n_steps=2, spectrum_epochs=[0])
+    fit = trainer(max_epochs=1, precision="64-true", logger=csv_logger(tmp_path), callbacks=[monitor])
+    with pytest.warns(RuntimeWarning, match="fall back to finite differences") as record:
+        fit.fit(module, loader())
+    assert len([w for w in record if "finite differences" in str(w.message)]) == 1
+    assert monitor.hvp == "finite_difference"
+    reference = Tiny().double()
+    reference.load_state_dict(module.state_dict())  # the same function, with double backward
+    top = torch.linalg.eigvalsh(exact_hessian(reference, monitor.fixed_batch)).max().item()
+    assert monitor.last_values["sharpness/hessian_max_eig"] == pytest.approx(top, rel=0.01)
+    with pytest.raises(
+        MisconfigurationException, match=r"hvp must be one of \['auto', 'autograd', 'finite_difference'\]"
+    ):
+        SharpnessMonitor(hvp="double")
 
 
 # 2. It only observes ------------------------------------------------------------------------------------------------
@@ -183,7 +312,9 @@ def wandb_records(run_dir: Path) -> list[dict[str, Any]]:
 def test_wandb_offline_run_logs_the_curves_summaries_and_landscape(wandb_offline: Path) -> None:
     import wandb
 
-    monitor = SharpnessMonitor(measures=ALL, every_n_steps=4, landscape_epochs=[1], landscape_points=5)
+    monitor = SharpnessMonitor(
+        measures=ALL, every_n_steps=4, landscape_epochs=[1], landscape_points=5, spectrum_epochs=[1], spectrum_iters=20
+    )
     logger = WandbLogger(project="lightning-sam-test", save_dir=str(wandb_offline), offline=True)
     fit = trainer(max_epochs=2, logger=logger, log_every_n_steps=2, callbacks=[monitor])
     torch.manual_seed(0)
@@ -194,7 +325,7 @@ def test_wandb_offline_run_logs_the_curves_summaries_and_landscape(wandb_offline
     records = wandb_records(run_dir)
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     rows = [h for h in history if any(k.startswith("sharpness/") for k in h)]
-    for key in [f"sharpness/{m}" for m in ALL]:
+    for key in sorted(logged_keys(ALL)):
         points = [(row["trainer/global_step"], row[key]) for row in rows if key in row]
         assert points, f"{key} was not logged"
         assert all(math.isfinite(v) for _, v in points)
@@ -210,6 +341,11 @@ def test_wandb_offline_run_logs_the_curves_summaries_and_landscape(wandb_offline
     table = json.loads((run_dir / "files" / landscape[0]["sharpness/landscape_table.path"]).read_text())
     assert all(math.isfinite(row[2]) for row in table["data"])
     assert {row[1] for row in table["data"]} == {"gradient direction", "random direction"}
+    spectrum = [h for h in history if h.get("sharpness/spectrum_table._type") == "table-file"]
+    assert len(spectrum) == 1, "one density plot, at the end of epoch 1"
+    table = json.loads((run_dir / "files" / spectrum[0]["sharpness/spectrum_table.path"]).read_text())
+    assert {row[1] for row in table["data"]} == {"log10 density"} and len(table["data"]) == 400
+    assert [row["trainer/global_step"] for row in rows if "sharpness/negative_fraction" in row] == [16]
     metrics = [r["metric"] for r in records if r["type"] == "metric"]
     sharp = next(m for m in metrics if m.get("glob_name") == "sharpness/*")
     assert sharp["step_metric"] == "trainer/global_step"
@@ -229,8 +365,7 @@ def test_csv_and_tensorboard_log_the_same_scalars(tmp_path: Path) -> None:
         csv_rows = list(csv.DictReader(f))
     events = EventAccumulator(tb_log.log_dir)
     events.Reload()
-    for m in ALL:
-        key = f"sharpness/{m}"
+    for key in sorted(logged_keys(ALL)):
         from_csv = [(int(r["step"]), float(r[key])) for r in csv_rows if r.get(key)]
         from_tb = [(e.step, e.value) for e in events.Scalars(key)]
         assert from_csv, key
@@ -276,7 +411,7 @@ def test_estimates_under_amp_are_float32_and_finite(
     fit.fit(module_cls(), loader())
     assert monitor.reduced_inputs
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in monitor.reduced_inputs)
-    assert set(monitor.last_values) == {f"sharpness/{m}" for m in ALL}
+    assert set(monitor.last_values) == logged_keys(ALL)
 
 
 # 6. Checkpoints ----------------------------------------------------------------------------------------------------
@@ -304,8 +439,8 @@ def test_state_survives_resume_and_monitors_coexist(tmp_path: Path) -> None:
     fit.fit(Net(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     saved = checkpoint["callbacks"]
-    assert saved[first[0].state_key]["eigenvector"] is not None
-    assert saved[first[1].state_key]["eigenvector"] is None
+    assert saved[first[0].state_key]["estimator_state"]["eigenvectors"] is not None
+    assert saved[first[1].state_key]["estimator_state"] == {}
     x0, x1 = saved[first[0].state_key]["fixed_batches"][0][0], second[0].fixed_batch[0]
     assert torch.equal(x0, x1), "the resumed run measures on the same fixed batch"
     assert second[0].last_step == {"hessian_max_eig": 16}
@@ -315,7 +450,7 @@ def test_state_survives_resume_and_monitors_coexist(tmp_path: Path) -> None:
 def test_warm_start_vector_is_restored(tmp_path: Path) -> None:
     monitor = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=4)
     state_before = monitor.state_dict()
-    assert state_before["eigenvector"] is None
+    assert state_before["estimator_state"] == {}
     fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[monitor])
     torch.manual_seed(0)
     fit.fit(Net(), loader())
@@ -350,16 +485,18 @@ def test_no_logger_is_refused_before_training() -> None:
         trainer(logger=False, callbacks=[SharpnessMonitor()]).fit(Net(), loader())
 
 
-class AdamNet(Net):
+class NAdamNet(Net):
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return torch.optim.NAdam(self.parameters(), lr=1e-3)
 
 
-def test_eos_ratio_without_sgd_warns_once_and_training_goes_on(tmp_path: Path) -> None:
+def test_eos_ratio_of_an_optimizer_without_a_rule_warns_once_and_training_goes_on(tmp_path: Path) -> None:
     monitor = SharpnessMonitor(measures=["eos_ratio"], every_n_steps=2)
     fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[monitor])
-    with pytest.warns(RuntimeWarning, match="eos_ratio needs an SGD") as record:
-        fit.fit(AdamNet(), loader())
+    with pytest.warns(
+        RuntimeWarning, match="eos_ratio is skipped: the edge of stability is defined here for SGD"
+    ) as record:
+        fit.fit(NAdamNet(), loader())
     assert len([w for w in record if "eos_ratio" in str(w.message)]) == 1
     assert fit.global_step == 8
 
@@ -437,7 +574,7 @@ def test_manual_optimization_needs_a_loss_fn_and_works_with_one(tmp_path: Path) 
     fit = trainer(logger=csv_logger(tmp_path), log_every_n_steps=2, callbacks=[monitor])
     fit.fit(module, loader())
     assert fit.global_step == 8, "the monitor did not step the optimizer"
-    assert set(monitor.last_values) == {f"sharpness/{m}" for m in ALL}
+    assert set(monitor.last_values) == logged_keys(ALL)
 
 
 def test_a_measure_name_alone_is_one_measure() -> None:

@@ -1,0 +1,423 @@
+"""The Hessian machinery against dense Hessians of tiny models, the optimizers' own dynamics, and PyHessian."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sam import SAM
+from lightning_sam.hessian import (
+    HessianOperator,
+    HVPFallbackWarning,
+    hessian_spectrum,
+    hessian_top_eigs,
+    hessian_trace,
+    hessian_vector_product,
+)
+from lightning_sam.stability import NoStateYet, step_rule
+
+
+def tiny(seed: int, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+    return model, torch.randn(32, 3, dtype=dtype), torch.randint(0, 2, (32,))
+
+
+def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The exact Hessian by torch.autograd.functional.hessian of the loss as a function of the flat weights."""
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
+
+    def loss_of_flat(flat: torch.Tensor) -> torch.Tensor:
+        tensors = [t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True)]
+        out = torch.func.functional_call(model, dict(zip(names, tensors, strict=True)), (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    return torch.autograd.functional.hessian(loss_of_flat, torch.cat([p.detach().flatten() for p in params]))
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: nn.functional.cross_entropy(model(x), y)
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+# Top-k eigenvalues and their residuals --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_eigenvalues_within_one_percent_and_residuals_are_the_true_ones(seed: int) -> None:
+    model, x, y = tiny(seed)
+    hessian = dense_hessian(model, x, y)
+    exact = torch.linalg.eigvalsh(hessian).flip(0)[:3]
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    top = hessian_top_eigs(loss_of(model, x, y), params, k=3, generator=torch.Generator().manual_seed(seed))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True)), "weights bitwise as they were"
+    torch.testing.assert_close(top.eigenvalues, exact, rtol=0.01, atol=0)
+    for value, vector, residual in zip(top.eigenvalues, top.eigenvectors, top.residuals, strict=True):
+        v = flat(vector)
+        assert v.norm().item() == pytest.approx(1.0, rel=1e-9)
+        true_residual = (hessian @ v - value * v).norm() / value.abs()
+        assert residual.item() == pytest.approx(true_residual.item(), rel=1e-4, abs=1e-9)
+        assert residual.item() <= 0.01, "the iteration ran until every residual was within tol"
+    assert top.products <= 100
+
+
+def test_lanczos_is_exact_once_it_spans_the_space_and_finds_eigenvalues_of_either_sign() -> None:
+    model, x, y = tiny(0)
+    n = sum(p.numel() for p in model.parameters())
+    exact = torch.linalg.eigvalsh(dense_hessian(model, x, y))
+    top = hessian_top_eigs(loss_of(model, x, y), list(model.parameters()), k=n, max_iters=n, tol=1e-12)
+    torch.testing.assert_close(top.eigenvalues, exact.flip(0), rtol=1e-7, atol=1e-9)
+
+
+def test_warm_start_from_the_last_eigenvectors_needs_fewer_products() -> None:
+    model, x, y = tiny(1)
+    params = list(model.parameters())
+    cold = hessian_top_eigs(loss_of(model, x, y), params, k=2, tol=1e-6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1.001)  # a training step later
+    warm = hessian_top_eigs(
+        loss_of(model, x, y), params, k=2, tol=1e-6, init=cold.eigenvectors, generator=torch.Generator().manual_seed(0)
+    )
+    exact = torch.linalg.eigvalsh(dense_hessian(model, x, y)).flip(0)[:2]
+    torch.testing.assert_close(warm.eigenvalues, exact, rtol=1e-5, atol=0)
+    assert warm.products < cold.products
+
+
+@pytest.mark.parametrize(("k", "max_iters", "match"), [(0, 10, "positive integer"), (5, 3, "at least k")])
+def test_bad_arguments_are_one_clear_error(k: int, max_iters: int, match: str) -> None:
+    model, x, y = tiny(0)
+    with pytest.raises(ValueError, match=match):
+        hessian_top_eigs(loss_of(model, x, y), list(model.parameters()), k=k, max_iters=max_iters)
+    with pytest.raises(ValueError, match="Unknown Hessian-vector product backend 'magic'"):
+        hessian_vector_product(loss_of(model, x, y), list(model.parameters()), [], hvp="magic")
+
+
+# Preconditioned sharpness and the edge of stability -------------------------------------------------------------
+
+
+def adam_trained(
+    seed: int, wrap_in_sam: bool, steps: int = 300
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    model, x, y = tiny(seed)
+    if wrap_in_sam:
+        optimizer: torch.optim.Optimizer = SAM(
+            model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, betas=(0.9, 0.99)
+        )
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+    for _ in range(steps):
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        closure()
+        optimizer.step(closure) if wrap_in_sam else optimizer.step()
+    return model, x, y, optimizer
+
+
+def adam_p_by_hand(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """P = (1 - β1^t) · diag(sqrt(v_t / (1 - β2^t)) + ε), written from the formula."""
+    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    group = base.param_groups[0]
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    parts = []
+    for p in model.parameters():
+        state = base.state[p]
+        t = float(state["step"])
+        parts.append((1 - beta1**t) * (torch.sqrt(state["exp_avg_sq"] / (1 - beta2**t)) + eps))
+    return flat(parts)
+
+
+@pytest.mark.parametrize("wrap_in_sam", [False, True], ids=["Adam", "SAM-AdamW"])
+def test_preconditioned_sharpness_of_adam_after_300_steps_is_within_one_percent(wrap_in_sam: bool) -> None:
+    model, x, y, optimizer = adam_trained(0, wrap_in_sam)
+    params = list(model.parameters())
+    rule = step_rule(optimizer, params)
+    assert rule.preconditioner is not None
+    p_diag = adam_p_by_hand(model, optimizer)
+    torch.testing.assert_close(flat(rule.preconditioner).double(), p_diag, rtol=1e-6, atol=0)
+    # λ(P⁻¹H) of the non-symmetric product, by a general eigensolver
+    exact = torch.linalg.eigvals(torch.diag(1 / p_diag) @ dense_hessian(model, x, y)).real.max()
+    top = hessian_top_eigs(loss_of(model, x, y), params, preconditioner=rule.preconditioner)
+    assert top.eigenvalues[0].item() == pytest.approx(exact.item(), rel=0.01)
+    group = (optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer).param_groups[0]
+    beta1, lr = group["betas"][0], group["lr"]
+    assert rule.edge == pytest.approx((2 + 2 * beta1) / (1 - beta1)) and rule.lr == lr  # Cohen et al. 2022
+
+
+def simulate(optimizer_cls: type[torch.optim.Optimizer], curvature: float, steps: int = 400, **kwargs: float) -> float:
+    """|w| after ``steps`` of the optimizer on L = ½ curvature·w² from w = 1."""
+    w = nn.Parameter(torch.ones((), dtype=torch.float64))
+    optimizer = optimizer_cls([w], **kwargs)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (0.5 * curvature * w**2).backward()
+        optimizer.step()
+    return abs(w.item())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": 0.1},
+        {"lr": 0.1, "momentum": 0.9},
+        {"lr": 0.1, "momentum": 0.9, "dampening": 0.5},
+        {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+        {"lr": 0.05, "momentum": 0.5, "nesterov": True},
+    ],
+)
+def test_sgd_edge_of_stability_is_where_sgd_starts_to_diverge(kwargs: dict[str, float]) -> None:
+    """The oracle is SGD itself on a quadratic: below eos_ratio = 1 it converges, above it diverges."""
+    w = nn.Parameter(torch.ones(()))
+    rule = step_rule(torch.optim.SGD([w], **kwargs), [w])
+    edge_curvature = rule.edge / (rule.lr or math.nan)  # λ·lr_eff = c
+    assert simulate(torch.optim.SGD, 0.97 * edge_curvature, **kwargs) < 1e-2
+    assert simulate(torch.optim.SGD, 1.03 * edge_curvature, **kwargs) > 1e2
+
+
+def test_groups_with_different_learning_rates_enter_the_step_and_different_momenta_are_refused() -> None:
+    model, x, y = tiny(2)
+    first, second = model[0], model[2]
+    optimizer = torch.optim.SGD(
+        [{"params": first.parameters(), "lr": 0.1}, {"params": second.parameters(), "lr": 0.02}], momentum=0.9
+    )
+    params = list(model.parameters())
+    rule = step_rule(optimizer, params)
+    assert rule.lr is None and rule.edge == pytest.approx(3.8)
+    step_sizes = flat([torch.full_like(p, 0.1 if i < 2 else 0.02) for i, p in enumerate(params)])
+    exact = torch.linalg.eigvals(torch.diag(step_sizes) @ dense_hessian(model, x, y)).real.max()
+    top = hessian_top_eigs(loss_of(model, x, y), params, preconditioner=rule.step_preconditioner)
+    assert top.eigenvalues[0].item() == pytest.approx(exact.item(), rel=0.01)
+    mixed = torch.optim.SGD([{"params": first.parameters(), "momentum": 0.9}, {"params": second.parameters()}], lr=0.1)
+    with pytest.raises(ValueError, match=r"different momenta.*use one momentum for all groups"):
+        step_rule(mixed, params)
+    with pytest.raises(NoStateYet, match="Adam has not stepped yet"):
+        step_rule(torch.optim.Adam(model.parameters()), params)
+    with pytest.raises(ValueError, match=r"defined here for SGD, Adam, AdamW, RMSprop and Adagrad.*not for NAdam"):
+        step_rule(torch.optim.NAdam(model.parameters()), params)
+
+
+@pytest.mark.parametrize(
+    ("optimizer_cls", "kwargs", "p_of", "edge"),
+    [
+        (torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.5}, lambda s, g: s["square_avg"].sqrt() + g["eps"], 3.0),
+        (
+            torch.optim.RMSprop,
+            {"lr": 1e-2, "centered": True},
+            lambda s, g: (s["square_avg"] - s["grad_avg"] ** 2).sqrt() + g["eps"],
+            2.0,
+        ),
+        (torch.optim.Adagrad, {"lr": 1e-1, "lr_decay": 0.01}, lambda s, g: s["sum"].sqrt() + g["eps"], 2.0),
+    ],
+)
+def test_rmsprop_and_adagrad_preconditioners_are_their_denominators(
+    optimizer_cls: type[torch.optim.Optimizer], kwargs: dict[str, float], p_of: Callable[..., torch.Tensor], edge: float
+) -> None:
+    model, x, y = tiny(3)
+    optimizer = optimizer_cls(model.parameters(), **kwargs)
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    params = list(model.parameters())
+    rule = step_rule(optimizer, params)
+    group = optimizer.param_groups[0]
+    expected = [p_of(optimizer.state[p], group) for p in params]
+    torch.testing.assert_close(flat(rule.preconditioner or []).double(), flat(expected), rtol=1e-6, atol=0)
+    assert rule.edge == pytest.approx(edge)
+    lr = group["lr"] / (1 + 19 * group.get("lr_decay", 0.0))  # Adagrad's lr at its 20th step
+    assert rule.lr == pytest.approx(lr)
+
+
+# Trace and its standard error -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_standard_error_matches_the_spread_over_seeds(method: str) -> None:
+    model, x, y = tiny(4)
+    exact = torch.trace(dense_hessian(model, x, y)).item()
+    params = list(model.parameters())
+    estimates, stderrs = [], []
+    for seed in range(150):
+        trace, stderr = hessian_trace(
+            loss_of(model, x, y), params, samples=9, method=method, generator=torch.Generator().manual_seed(seed)
+        )
+        estimates.append(trace.item())
+        stderrs.append(stderr.item())
+    errors = torch.tensor(estimates) - exact
+    assert abs(errors.mean().item()) < 3 * errors.std().item() / math.sqrt(150), "unbiased"
+    rms_error, rms_stderr = errors.square().mean().sqrt().item(), torch.tensor(stderrs).square().mean().sqrt().item()
+    assert 0.75 < rms_stderr / rms_error < 1.33, "the reported standard error is the actual one"
+
+
+# Spectrum (stochastic Lanczos quadrature) -------------------------------------------------------------------------
+
+
+def test_spectrum_quadrature_is_exact_for_its_start_vector_and_its_moments_average_to_the_spectrums() -> None:
+    model, x, y = tiny(5)
+    hessian = dense_hessian(model, x, y)
+    n = hessian.shape[0]
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    params = list(model.parameters())
+    spectrum = hessian_spectrum(
+        loss_of(model, x, y), params, iters=8, runs=400, generator=torch.Generator().manual_seed(0)
+    )
+    assert spectrum.nodes.shape == (400, 8)
+    torch.testing.assert_close(spectrum.weights.sum(dim=1), torch.ones(400, dtype=torch.float64))
+    for power in (1, 2, 3, 4):
+        exact = eigenvalues.pow(power).mean().item()  # (1/n) tr H^p
+        assert spectrum.moment(power).item() == pytest.approx(exact, rel=0.1), power
+    # One run, the same start vector by hand: Gauss quadrature is exact below degree 2·iters.
+    generator = torch.Generator().manual_seed(7)
+    one = hessian_spectrum(loss_of(model, x, y), params, iters=8, generator=generator)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(7), dtype=torch.float32).double()
+    v = v.sign() / math.sqrt(n)
+    for power in range(16):
+        exact = (v @ torch.linalg.matrix_power(hessian, power) @ v).item()
+        assert one.moment(power).item() == pytest.approx(exact, rel=1e-6, abs=1e-9), power
+    full = hessian_spectrum(loss_of(model, x, y), params, iters=n, runs=200, generator=torch.Generator().manual_seed(1))
+    expected_negative = (eigenvalues < -1e-2 * eigenvalues.abs().max()).double().mean().item()
+    assert full.negative_fraction().item() == pytest.approx(expected_negative, abs=0.03)
+    grid = torch.linspace(-5, 5, 4001, dtype=torch.float64)
+    assert torch.trapezoid(full.density(grid, sigma=0.05), grid).item() == pytest.approx(1.0, abs=0.02)
+
+
+# Hessian-vector products without double backward -----------------------------------------------------------------
+
+
+class NoDoubleBackwardTanh(torch.autograd.Function):
+    """tanh whose backward is a kernel without a derivative of its own, like fused attention's."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return TanhBackwardKernel.apply(out, grad)
+
+
+class TanhBackwardKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad * (1 - out * out)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise RuntimeError("derivative for tanh_backward_kernel is not implemented")
+
+
+class Fused(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model[2](NoDoubleBackwardTanh.apply(self.model[0](x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_finite_difference_products_match_the_exact_ones(dtype: torch.dtype) -> None:
+    model, x, y = tiny(6, dtype)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    v = [torch.randn_like(p) for p in params]
+    exact = dense_hessian(model.double(), x.double(), y) @ flat(v).double()
+    model.to(dtype)
+    approx = flat(hessian_vector_product(loss_of(model, x, y), params, v, hvp="finite_difference")).double()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True)), "weights restored bitwise"
+    assert ((approx - exact).norm() / exact.norm()).item() < (1e-7 if dtype == torch.float64 else 1e-3)
+
+
+def test_auto_falls_back_to_finite_differences_with_one_warning_where_double_backward_raises() -> None:
+    model, x, y = tiny(7)
+    fused = Fused(model)
+    exact = torch.linalg.eigvalsh(dense_hessian(model, x, y)).max()
+    params = list(model.parameters())
+    with pytest.raises(RuntimeError, match="tanh_backward_kernel"):
+        hessian_top_eigs(loss_of(fused, x, y), params, hvp="autograd")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        top = hessian_top_eigs(loss_of(fused, x, y), params, hvp="auto")
+    fallbacks = [w for w in caught if issubclass(w.category, HVPFallbackWarning)]
+    assert len(fallbacks) == 1 and "tanh_backward_kernel" in str(fallbacks[0].message)
+    assert top.eigenvalues[0].item() == pytest.approx(exact.item(), rel=0.01)
+
+
+def test_bf16_parameters_accumulate_in_float32() -> None:
+    model, x, y = tiny(8, torch.float32)
+    exact = torch.linalg.eigvalsh(dense_hessian(model.double(), x.double(), y)).max().item()
+    model.to(torch.bfloat16)
+    params = list(model.parameters())
+    top = hessian_top_eigs(lambda: nn.functional.cross_entropy(model(x.bfloat16()).float(), y), params)
+    assert top.eigenvalues.dtype == torch.float32
+    assert top.eigenvalues[0].item() == pytest.approx(exact, rel=0.05)  # bf16 weights and products: ~3 digits
+    trace = hessian_trace(lambda: nn.functional.cross_entropy(model(x.bfloat16()).float(), y), params)
+    assert trace.trace.dtype == torch.float32 and math.isfinite(trace.trace.item())
+
+
+def test_operator_scale_gives_the_symmetric_preconditioned_hessian() -> None:
+    model, x, y = tiny(9)
+    params = list(model.parameters())
+    scale = [torch.rand_like(p) + 0.5 for p in params]
+    v = [torch.randn_like(p) for p in params]
+    d = flat(scale)
+    expected = d * (dense_hessian(model, x, y) @ (d * flat(v)))
+    torch.testing.assert_close(flat(HessianOperator(loss_of(model, x, y), params, scale=scale)(v)), expected)
+
+
+# Parity with PyHessian ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_parity_with_pyhessian_on_the_same_model_and_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyhessian import hessian as PyHessian
+
+    def eig(matrix: torch.Tensor, eigenvectors: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch.eig (removed in torch 1.9), which PyHessian 0.1's density calls, for its symmetric matrix."""
+        values, vectors = torch.linalg.eigh(matrix)
+        return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
+
+    monkeypatch.setattr(torch, "eig", eig, raising=False)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    params = list(model.parameters())
+    ours = hessian_top_eigs(loss_of(model, x, y), params, k=3, tol=1e-4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    theirs = PyHessian(model, nn.functional.cross_entropy, data=(x, y), cuda=False)
+    their_top, _ = theirs.eigenvalues(top_n=3, maxIter=500, tol=1e-6)
+    torch.testing.assert_close(ours.eigenvalues, torch.tensor(their_top), rtol=0.01, atol=0)
+    their_trace = torch.tensor(theirs.trace(maxIter=500, tol=1e-9))
+    trace, stderr = hessian_trace(loss_of(model, x, y), params, samples=150, generator=torch.Generator().manual_seed(0))
+    their_stderr = their_trace.std() / math.sqrt(len(their_trace))
+    assert abs(trace.item() - their_trace.mean().item()) < 4 * math.hypot(stderr.item(), their_stderr.item())
+    eigen_list, weight_list = theirs.density(iter=40, n_v=20)
+    their_nodes, their_weights = torch.tensor(eigen_list), torch.tensor(weight_list)
+    spectrum = hessian_spectrum(
+        loss_of(model, x, y), params, iters=40, runs=20, generator=torch.Generator().manual_seed(0)
+    )
+    for power in (1, 2):
+        theirs_moment = (their_weights * their_nodes.pow(power)).sum(dim=1).mean().item()
+        assert spectrum.moment(power).item() == pytest.approx(theirs_moment, rel=0.15), power
+    for p in params:
+        p.grad = None  # PyHessian leaves create_graph gradients behind
