@@ -222,6 +222,7 @@ class SharpnessMonitor(Callback):
         self._batch: Any = None
         self._batch_rng: Any = None
         self._warned: set[str] = set()
+        self._warning_registry: dict[Any, Any] = {}
         self._state_key: str | None = None
         self._log_now = False
         self._per_step = [m for m in self.measures if MEASURES[m].per_step]
@@ -475,20 +476,29 @@ class SharpnessMonitor(Callback):
 
     @contextmanager
     def _unless_unavailable(self, name: str) -> Iterator[None]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", HVPFallbackWarning)
-            try:
-                yield
-            except Unavailable as reason:
-                self._warn_once(name, f"SharpnessMonitor: {name} is skipped: {reason}")
-            except NotThisStep:
-                pass
-        for warning in caught:
-            if issubclass(warning.category, HVPFallbackWarning):
-                self.hvp = "finite_difference"  # from now on, without trying double backward again
-                self._warn_once("hvp", f"SharpnessMonitor: {warning.message}")
-            else:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", HVPFallbackWarning)
+                try:
+                    yield
+                except Unavailable as reason:
+                    self._warn_once(name, f"SharpnessMonitor: {name} is skipped: {reason}")
+                except NotThisStep:
+                    pass
+        finally:  # whatever the measure raised, its warnings go out: the fallback's once, the others as Python would
+            for warning in caught:
+                if issubclass(warning.category, HVPFallbackWarning):
+                    self.hvp = "finite_difference"  # from now on, without trying double backward again
+                    self._warn_once("hvp", f"SharpnessMonitor: {warning.message}")
+                else:
+                    warnings.warn_explicit(
+                        warning.message,
+                        warning.category,
+                        warning.filename,
+                        warning.lineno,
+                        registry=self._warning_registry,  # once per place, as the default filter does
+                    )
 
     @contextmanager
     def _measuring(
@@ -543,7 +553,13 @@ class SharpnessMonitor(Callback):
             return
         keys = sorted(values)
         stacked = torch.stack([values[k].to(trainer.strategy.root_device).float().reshape(()) for k in keys])
-        reduced = self._reduce(trainer, stacked)
+        # The mean over ranks of R estimates has the standard error sqrt(Σσ²)/R: reduce variances, not errors.
+        stderr = torch.tensor([k.endswith("_stderr") for k in keys], device=stacked.device)
+        reduced = self._reduce(trainer, torch.where(stderr, stacked.square(), stacked))
+        reduced = torch.where(stderr, (reduced / trainer.world_size).sqrt(), reduced)
+        residual = [i for i, k in enumerate(keys) if k.endswith("_residual")]
+        if residual and trainer.world_size > 1:  # an error bound: the worst rank's
+            reduced[residual] = trainer.strategy.reduce(stacked[residual], reduce_op="max")
         metrics = {f"sharpness/{k}": float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
         self.last_values.update(metrics)
         step = lightning_logging_step(trainer)

@@ -40,17 +40,14 @@ def save_spectrum_figure(spectra: Mapping[str, Spectrum], path: Path, title: str
     Raises:
         ImportError: matplotlib is not installed.
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch in the user's process
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
     for label, spectrum in spectra.items():
         plot_spectrum(ax, spectrum, label=label)
     ax.set_title(title)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

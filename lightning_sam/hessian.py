@@ -84,8 +84,9 @@ class HessianOperator:
     gradient's graph once; each product is one more backward through it (Pearlmutter's trick).
     ``backend="finite_difference"``: ``(∇L(w + h v) − ∇L(w − h v)) / 2h``, two forwards and
     backwards per product, exact for quadratics and otherwise off by ``O(h²)``, with
-    ``h = ∛ε · (1 + ‖w‖)/‖v‖`` (``ε`` the float32 machine epsilon, or float64's for float64
-    parameters); the weights are restored bitwise from a copy after each product.
+    ``h = ∛ε · (1 + ‖w‖)/‖v‖`` (``ε`` the machine epsilon of the coarsest parameter dtype, so
+    that the step survives rounding into bf16 weights; bf16 products are then good to a few
+    percent only); the weights are restored bitwise from a copy after each product.
     ``backend="auto"``: autograd, falling back to finite differences (with one
     ``HVPFallbackWarning``) when double backward raises.
 
@@ -134,7 +135,7 @@ class HessianOperator:
         try:
             return self._double_backward(vectors)
         except (RuntimeError, NotImplementedError) as error:
-            if self.backend != "auto":
+            if self.backend != "auto" or isinstance(error, torch.OutOfMemoryError):
                 raise
             warnings.warn(
                 "Hessian-vector products fall back to finite differences of two gradients, because double "
@@ -170,7 +171,8 @@ class HessianOperator:
             v_norm = math.sqrt(sum(float(v.float().square().sum()) for v in vectors))
             if v_norm == 0:
                 return [torch.zeros_like(p) for p in params]
-            eps = torch.finfo(torch.float64 if params[0].dtype == torch.float64 else torch.float32).eps
+            # The step must survive rounding into the coarsest parameter dtype (bf16's ε is 2^-7).
+            eps = max(torch.finfo(p.dtype).eps for p in params)
             h = eps ** (1 / 3) * (1 + w_norm) / v_norm
         sides = []
         try:
@@ -340,12 +342,12 @@ def hessian_top_eigs(
     if max_iters < k:
         raise ValueError(f"max_iters ({max_iters}) must be at least k ({k}).")
     params = list(params)
-    scale = None if preconditioner is None else [p.float().reciprocal().sqrt() for p in preconditioner]
-    operator = HessianOperator(loss_fn, params, hvp, scale)
     flat = _Flat(params)
+    scale = None if preconditioner is None else [p.to(flat.dtype).reciprocal().sqrt() for p in preconditioner]
+    operator = HessianOperator(loss_fn, params, hvp, scale)
     k = min(k, flat.numel)
     start = _random_flat(flat, generator, rademacher=False)
-    if init:
+    if init and all([t.shape for t in v] == flat.shapes for v in init):  # a changed parameter set starts afresh
         warm = sum(flat.flatten(v) for v in init)
         if isinstance(warm, Tensor) and bool(warm.norm() > 0):
             start = warm / warm.norm() + 0.1 * start / start.norm()

@@ -156,13 +156,14 @@ def _preconditioned_max_eig(batch: FixedBatch) -> dict[str, Tensor]:
     return {"preconditioned_max_eig": top.eigenvalues[0], "preconditioned_max_eig_residual": top.residuals[0]}
 
 
-def _eos_ratio(batch: FixedBatch) -> Tensor:
+def _eos_ratio(batch: FixedBatch) -> Tensor | dict[str, Tensor]:
     """``λ_max(S H)/c``, reusing this round's ``λ_max(H)`` (SGD) or ``λ_max(P⁻¹H)`` when there is one learning rate."""
     rule = _rule(batch)
     measured = "hessian_max_eig" if rule.preconditioner is None else "preconditioned_max_eig"
     if rule.lr is not None and measured in batch.values:
-        return batch.values[measured] * rule.lr / rule.edge
-    return _top_eigs(batch, 1, "eos_eigenvectors", rule.step_preconditioner).eigenvalues[0] / rule.edge
+        return batch.values[measured] * rule.lr / rule.edge  # its error bar is the eigenvalue's
+    top = _top_eigs(batch, 1, "eos_eigenvectors", rule.step_preconditioner)
+    return {"eos_ratio": top.eigenvalues[0] / rule.edge, "eos_ratio_residual": top.residuals[0]}
 
 
 def _hessian_trace(batch: FixedBatch) -> dict[str, Tensor]:

@@ -46,11 +46,12 @@ class StepRule:
 
     Attributes:
         preconditioner: ``P`` per parameter (None for SGD, whose ``P`` is the identity);
-            ``inf`` for parameters the optimizer does not hold (they do not move).
+            ``inf`` for parameters the optimizer does not hold or has no state for (they do not move).
         step_preconditioner: ``S⁻¹`` per parameter (``P/lr``), what ``hessian_top_eigs``
             takes to return the eigenvalues of ``S H``.
         edge: The constant ``c``.
-        lr: The one (effective) learning rate when all groups share it (``S = lr·P⁻¹``), else None.
+        lr: The one (effective) learning rate when every measured parameter moves with it (``S = lr·P⁻¹``),
+            else None.
     """
 
     preconditioner: list[Tensor] | None
@@ -80,20 +81,20 @@ def _adam_p(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
     beta1, beta2 = group["betas"]
     t = _step_count(state)
     v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    p: Tensor = (1 - beta1**t) * ((v.float() / (1 - beta2**t)).sqrt() + group["eps"])
+    p: Tensor = (1 - beta1**t) * ((v.to(_wide(v)) / (1 - beta2**t)).sqrt() + group["eps"])
     return p
 
 
 def _rmsprop_p(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
-    v = state["square_avg"].float()
+    v = state["square_avg"].to(_wide(state["square_avg"]))
     if group.get("centered"):
-        v = v - state["grad_avg"].float().square()
+        v = v - state["grad_avg"].to(v.dtype).square()
     p: Tensor = v.sqrt() + group["eps"]
     return p
 
 
 def _adagrad_p(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
-    p: Tensor = state["sum"].float().sqrt() + group["eps"]
+    p: Tensor = state["sum"].to(_wide(state["sum"])).sqrt() + group["eps"]
     return p
 
 
@@ -139,7 +140,7 @@ def step_rule(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Ste
         The ``StepRule``.
 
     Raises:
-        NoStateYet: An adaptive optimizer before its first step.
+        NoStateYet: An adaptive optimizer with no state for any of ``params`` (before its first step).
         ValueError: An optimizer without a rule here, or groups with different momenta.
 
     Examples:
@@ -157,19 +158,31 @@ def step_rule(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Ste
     p_of = _PRECONDITIONED.get(type(base))
     if p_of is None and not isinstance(base, torch.optim.SGD):
         p_of = next((f for cls, f in _PRECONDITIONED.items() if isinstance(base, cls)), None)
-    preconditioner: list[Tensor] | None = None
-    if p_of is not None:
-        if any(p in group_of and not base.state.get(p) for p in params):
-            raise NoStateYet(f"{type(base).__name__} has not stepped yet: its preconditioner is not there.")
-        preconditioner = [
-            p_of(group_of[p], base.state[p]) if p in group_of else torch.full_like(p, torch.inf, dtype=torch.float32)
-            for p in params
-        ]
+    # Parameters the optimizer does not hold, or holds without state (no gradient yet: unused ones), do not move.
+    moving = [p in group_of and bool(base.state.get(p)) for p in params] if p_of else [p in group_of for p in params]
+    if p_of is not None and not any(moving):
+        raise NoStateYet(f"{type(base).__name__} has not stepped yet: its preconditioner is not there.")
+
+    def still(p: Tensor) -> Tensor:
+        return torch.full_like(p, torch.inf, dtype=_wide(p))
+
+    preconditioner = (
+        None
+        if p_of is None
+        else [p_of(group_of[p], base.state[p]) if m else still(p) for p, m in zip(params, moving, strict=True)]
+    )
     step_preconditioner = [
-        (torch.ones_like(p, dtype=torch.float32) if preconditioner is None else preconditioner[i]) / lr_of[p]
-        if p in lr_of
-        else torch.full_like(p, torch.inf, dtype=torch.float32)
-        for i, p in enumerate(params)
+        (torch.ones_like(p, dtype=_wide(p)) if preconditioner is None else preconditioner[i]) / lr_of[p]
+        if m
+        else still(p)
+        for i, (p, m) in enumerate(zip(params, moving, strict=True))
     ]
-    lrs = {lr_of[p] for p in params if p in lr_of}
-    return StepRule(preconditioner, step_preconditioner, float(edge), lrs.pop() if len(lrs) == 1 else None)
+    lrs = {lr_of[p] for p, m in zip(params, moving, strict=True) if m}
+    # One lr for S = lr·P⁻¹ only when every measured parameter moves with it (else S has zeros the Hessian lacks).
+    uniform = lrs.pop() if len(lrs) == 1 and all(moving) else None
+    return StepRule(preconditioner, step_preconditioner, float(edge), uniform)
+
+
+def _wide(t: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 tensors: what P and S are computed in."""
+    return torch.promote_types(t.dtype, torch.float32)

@@ -75,6 +75,14 @@ class RecordingMonitor(SharpnessMonitor):
         super().__init__(measures=measures, every_n_steps=2, spectrum_epochs=[0], spectrum_iters=10, spectrum_runs=2)
         self.local: list[torch.Tensor] = []
         self.reduced: list[torch.Tensor] = []
+        self.keys: list[list[str]] = []
+        self.logged: list[dict[str, float]] = []
+
+    def _log(self, trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
+        super()._log(trainer, values)
+        if values:
+            self.keys.append(sorted(values))
+            self.logged.append({k: self.last_values[f"sharpness/{k}"] for k in values})
 
     def _reduce(self, trainer: pl.Trainer, values: torch.Tensor) -> torch.Tensor:
         self.local.append(values.clone())
@@ -120,6 +128,8 @@ def run(mode: str, out_dir: Path) -> None:
             "reduced": monitor.reduced,
             "last_values": monitor.last_values,
             "checkpointed_batches": monitor.state_dict()["fixed_batches"],  # what rank 0 writes into a checkpoint
+            "keys": monitor.keys,
+            "logged": monitor.logged,
             "spectra": [(epoch, s.nodes, s.weights) for epoch, s in monitor.spectra],
         }
         torch.save(result, out_dir / f"rank{fit.global_rank}.pt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -240,6 +241,19 @@ def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(ddp_runs: 
     assert len(logged) == 1, "one logger, on rank zero"
     header = logged[0].read_text().splitlines()[0]
     assert all(f"sharpness/{m}" in header for m in ("first_order", "hessian_max_eig", "adaptive_worst"))
+    for keys, local0, local1, logged in zip(
+        ranks[0]["keys"], ranks[0]["local"], ranks[1]["local"], ranks[0]["logged"], strict=True
+    ):
+        for i, key in enumerate(keys):
+            if key.endswith("_stderr"):  # what went into the mean were the variances; out comes sqrt(Σσ²)/R
+                expected = math.sqrt((local0[i] + local1[i]).item()) / WORLD
+            elif key.endswith("_residual"):  # a bound: the worst rank's
+                expected = max(local0[i].item(), local1[i].item())
+            else:
+                expected = (local0[i] + local1[i]).item() / WORLD
+            assert logged[key] == pytest.approx(expected, rel=1e-5), key
+    assert any(k.endswith("_stderr") for keys in ranks[0]["keys"] for k in keys)
+    assert any(k.endswith("_residual") for keys in ranks[0]["keys"] for k in keys)
     (epoch0, nodes0, weights0), (epoch1, nodes1, weights1) = ranks[0]["spectra"][0], ranks[1]["spectra"][0]
     assert epoch0 == epoch1 == 0 and nodes0.shape == (WORLD * 2, 10), "both ranks' runs, 2 each"
     assert torch.equal(nodes0, nodes1) and torch.equal(weights0, weights1)
