@@ -352,10 +352,7 @@ class SharpnessMonitor(Callback):
         """The eigenvalue density on the fixed batch: every rank's runs together, a plot, and the negative fraction."""
         spectrum = None
         with self._measuring(pl_module) as (loss_fn, params, generator):
-            if not params:
-                return
-            if any(isinstance(p, DTensor) for p in params):
-                self._warn_once("spectrum", f"SharpnessMonitor: spectrum_epochs is skipped: {_SHARDED}")
+            if not self._whole(params, "spectrum_epochs"):
                 return
             with self._unless_unavailable("spectrum"):
                 spectrum = sharpness.hessian_spectrum(
@@ -394,15 +391,19 @@ class SharpnessMonitor(Callback):
                 "matplotlib", "SharpnessMonitor: the spectrum figure needs matplotlib: pip install matplotlib."
             )
 
+    def _whole(self, params: list[Tensor], what: str) -> bool:
+        """Whether an epoch-end plot can run: trainable parameters, unsharded (it needs whole ones)."""
+        if any(isinstance(p, DTensor) for p in params):
+            self._warn_once(what, f"SharpnessMonitor: {what} is skipped: {_SHARDED}")
+            return False
+        return bool(params)
+
     def _log_landscape(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         wandb_logger = find_wandb_logger(trainer.loggers)
         if wandb_logger is None:
             return
         with self._measuring(pl_module) as (loss_fn, params, generator):
-            if not params:
-                return
-            if any(isinstance(p, DTensor) for p in params):
-                self._warn_once("landscape", f"SharpnessMonitor: landscape_epochs is skipped: {_SHARDED}")
+            if not self._whole(params, "landscape_epochs"):
                 return
             grads = sharpness.gradients(loss_fn(), params)
             randoms = [torch.randn(p.shape, generator=generator).to(p) for p in params]
