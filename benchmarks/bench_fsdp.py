@@ -64,7 +64,7 @@ def run(rank: int, world: int, args: argparse.Namespace, results: Any) -> None:
                 step.run(lambda net=net, x=x, y=y: nn.functional.cross_entropy(net(x), y))
                 sam.step()
                 sam.zero_grad()
-            copy = sum(b.numel() * b.element_size() for b in sam._runtime.buffers.values())
+            copy = sum(b.numel() * b.element_size() for b in sam.protocol.buffers.tensors())
             row["copy"] = copy
         local = sum(p.to_local().numel() * p.element_size() for p in net.parameters())
         row["local"] = local

@@ -87,7 +87,7 @@ class WithSAM(SAMMixin, Plain):
     def configure_optimizers(self) -> Any:
         opt = SAM(self.parameters(), torch.optim.SGD, rho=0.05, **SGD)
         if self.fresh_copy:  # version 0.1: a new copy of the weights at every first_step
-            opt._runtime.buffers_for = lambda params: [torch.empty_like(p) for p in params]  # type: ignore[method-assign]
+            opt.protocol.buffers.get = lambda params, role, wide=False: [torch.empty_like(p) for p in params]  # type: ignore[method-assign]
         return opt
 
 

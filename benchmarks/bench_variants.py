@@ -2,11 +2,16 @@
 
 Accuracy: the clean test accuracy on scikit-learn's digits with 40% noisy training labels (the demo's task: a
 64-256-256-10 MLP, SGD with momentum, 40 epochs, batch 32), for each seed. Cost: the mean step time over 40 steps
-(so that every kind of step of a periodic method is in it) of each method against plain SGD on the
-784-1024-1024-10 MLP at batch 128, in plain loops driven by ``SAMStep``, interleaved round after round; the median
-of the rounds. Writes the accuracy-against-cost figure with ``--figure``.
+(so that every kind of step of a periodic method is in it) of each method divided by that of plain SGD measured
+just before it, on the 784-1024-1024-10 MLP at batch 128, in plain loops driven by ``SAMStep``; the median of the
+rounds. Writes the accuracy-against-cost figure with ``--figure``.
 
     python benchmarks/bench_variants.py [--seeds 0 1 2] [--epochs 40] [--rounds 5] [--figure docs/img/variants.png]
+
+``--breakdown`` prints instead where each method's step time goes on that MLP: the base optimizer's step (timed by
+its step hooks), the method's own work (every phase of SAM's step protocol, timed: norms, the copy, perturbation and
+restore of the weights, the variant's direction and state, the verdict) and the rest, the forward and backward
+passes, in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -92,19 +97,98 @@ def step_time(name: str, steps: int = 40, warmup: int = 10) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+def step_parts(name: str, steps: int = 40, warmup: int = 10) -> dict[str, float]:
+    """Seconds per step: in all, in the base optimizer's step, in SAM's protocol (without the base step); passes."""
+    model = mlp()
+    opt = METHODS[name][1](model.parameters())
+    if isinstance(opt, SAM) and opt.total_steps is None:
+        opt.total_steps = int(1.5 * warmup) + steps
+    step = SAMStep(opt, model) if isinstance(opt, SAM) else None
+    spent = {"base": 0.0, "protocol": 0.0, "forwards": 0.0}
+    model.register_forward_hook(lambda *_: spent.__setitem__("forwards", spent["forwards"] + 1))
+    base = opt.base_optimizer if isinstance(opt, SAM) else opt
+    started = [0.0]
+    base.register_step_pre_hook(lambda *_: started.__setitem__(0, time.perf_counter()))
+    base.register_step_post_hook(lambda *_: spent.__setitem__("base", spent["base"] + time.perf_counter() - started[0]))
+    if isinstance(opt, SAM):  # time every phase of the protocol; the base step inside finish is counted apart
+        for phase in ("open", "perturb", "restore", "end_micro_batch", "finish"):
+            _timed(opt.protocol, phase, spent)
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    for _ in range(warmup):
+        train_step(model, opt, step, x, y)
+    spent.update(base=0.0, protocol=0.0, forwards=0.0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, opt, step, x, y)
+    total = time.perf_counter() - start
+    own = spent["protocol"] - (spent["base"] if isinstance(opt, SAM) else 0.0)
+    return {
+        "total": total / steps,
+        "base": spent["base"] / steps,
+        "own": own / steps,
+        "passes": (total - own - spent["base"]) / steps,
+        "forwards": spent["forwards"] / steps,
+    }
+
+
+def _timed(protocol: Any, phase: str, spent: dict[str, float]) -> None:
+    method = getattr(protocol, phase)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent["protocol"] += time.perf_counter() - start
+
+    setattr(protocol, phase, timed)
+
+
+def breakdown(rounds: int) -> None:
+    parts: dict[str, list[dict[str, float]]] = {name: [] for name in METHODS}
+    for _ in range(rounds):
+        for name in METHODS:
+            parts[name].append(step_parts(name))
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(p[key] for p in parts[name])
+
+    print(f"784-1024-1024-10 MLP, batch 128, {rounds} interleaved rounds, torch {torch.__version__}; ms per step")
+    print()
+    print("| method | forward+backward passes | their time | base step | the method's own work | step | / SGD |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    sgd = median("SGD", "total")
+    for name in METHODS:
+        print(
+            f"| {name} | {median(name, 'forwards'):.2f} | {median(name, 'passes') * 1e3:.1f} | "
+            f"{median(name, 'base') * 1e3:.1f} | {median(name, 'own') * 1e3:.1f} | {median(name, 'total') * 1e3:.1f} | "
+            f"{median(name, 'total') / sgd:.2f}x |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--figure", default=None, help="write the accuracy-against-cost figure (PNG) there")
+    parser.add_argument("--breakdown", action="store_true", help="where the step time goes, instead of the table")
     args = parser.parse_args()
+    if args.breakdown:
+        breakdown(args.rounds)
+        return
 
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
-    for _ in range(args.rounds):
+    ratios: dict[str, list[float]] = {name: [] for name in METHODS}
+    for _ in range(args.rounds):  # each method against an SGD run just before it: the machine's drift cancels
         for name in METHODS:
-            times[name].append(step_time(name))
-    ratio = {name: statistics.median(t) / statistics.median(times["SGD"]) for name, t in times.items()}
+            sgd = step_time("SGD")
+            ratios[name].append(step_time(name) / sgd)
+    ratio = {name: statistics.median(r) for name, r in ratios.items()}
     accuracies = {name: [accuracy(name, seed, args.epochs) for seed in args.seeds] for name in METHODS}
 
     print(

@@ -5,26 +5,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_sam._registry import METHODS
+
 if TYPE_CHECKING:
     from lightning_sam.callbacks import SharpnessMonitor
+    from lightning_sam.friendly_sam import FriendlySAM
+    from lightning_sam.gsam import GSAM
+    from lightning_sam.looksam import LookSAM
     from lightning_sam.mixin import SAMMixin
+    from lightning_sam.msam import MSAM
     from lightning_sam.optimizer import SAM
     from lightning_sam.step import SAMStep
-    from lightning_sam.variants import GSAM, MSAM, FriendlySAM, LookSAM
 
 __all__ = ["GSAM", "MSAM", "SAM", "FriendlySAM", "LookSAM", "SAMMixin", "SAMStep", "SharpnessMonitor"]
 __version__ = "0.1.0"
 
 # Imported on first use, so that `lightning-sam --help` and its errors answer without importing torch and Lightning.
 _HOMES = {
-    "SAM": "optimizer",
     "SAMMixin": "mixin",
     "SAMStep": "step",
     "SharpnessMonitor": "callbacks",
-    "GSAM": "variants",
-    "MSAM": "variants",
-    "FriendlySAM": "variants",
-    "LookSAM": "variants",
+    **{m.optimizer: m.home for m in METHODS.values() if m.optimizer is not None and m.home is not None},
 }
 
 

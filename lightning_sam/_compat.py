@@ -22,12 +22,14 @@ __all__ = [
     "batchnorm_types",
     "default_foreach",
     "group_by_device_and_dtype",
+    "is_view",
     "lightning_logging_step",
     "lightning_logs_this_batch",
     "lightning_steps_after_this_batch",
     "mark_stepped",
     "metric_bookkeeping",
     "optimizers_in",
+    "tensor_version",
 ]
 
 
@@ -60,6 +62,22 @@ def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     ``Optimizer._opt_called``: torch 2.13.
     """
     optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
+def tensor_version(tensor: Tensor) -> int:
+    """How many times ``tensor`` was changed in place (autograd's version counter; views share it).
+
+    ``Tensor._version``: torch 2.13.
+    """
+    return int(tensor._version)
+
+
+def is_view(tensor: Tensor) -> bool:
+    """Whether ``tensor`` shares another tensor's storage as a view of it (a DDP bucket view, a slice).
+
+    ``Tensor._base``: torch 2.13.
+    """
+    return tensor._base is not None
 
 
 def batchnorm_types() -> tuple[type[torch.nn.Module], ...]:

@@ -13,9 +13,10 @@ import importlib.util
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
+
+from lightning_sam._registry import METHODS, Method
 
 __all__ = [
     "ACCELERATORS",
@@ -59,57 +60,6 @@ DEFAULT_MEASURES = ("first_order", "grad_norm", "hessian_max_eig", "eos_ratio")
 SEED_MAX = 2**32 - 1
 
 
-@dataclass(frozen=True)
-class Method:
-    """One optimizer the demo trains with: its label, its class in ``lightning_sam`` and its settings.
-
-    ``optimizer`` names a class of ``lightning_sam`` (``None`` is plain SGD), ``rho_from`` the
-    option that sets its radius, ``settings`` its other arguments: the paper's or the method's
-    defaults, those of ``benchmarks/bench_variants.py`` on the same task.
-
-    Examples:
-        >>> METHODS["looksam"].describe(rho=0.2)
-        'rho=0.2, k=5, alpha=0.7'
-        >>> METHODS["asam"].kwargs(rho=1.0)
-        {'rho': 1.0, 'adaptive': True, 'eta': 0.01}
-    """
-
-    label: str
-    optimizer: str | None
-    summary: str
-    rho_from: str | None = "rho"
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def kwargs(self, rho: float | None) -> dict[str, Any]:
-        """The optimizer's keyword arguments besides SGD's (none for SGD)."""
-        return {} if self.optimizer is None else {"rho": rho, **self.settings}
-
-    def describe(self, rho: float | None) -> str:
-        """The settings as one short string."""
-        if self.optimizer is None:
-            return "momentum 0.9"
-        return ", ".join(f"{k}={v}" for k, v in self.kwargs(rho).items() if k != "adaptive")
-
-
-METHODS: dict[str, Method] = {
-    "sgd": Method("SGD", None, "plain SGD (momentum 0.9, weight decay 5e-4): the baseline", rho_from=None),
-    "sam": Method("SAM", "SAM", "SAM (Foret et al. 2021), radius --rho"),
-    "asam": Method(
-        "ASAM", "SAM", "adaptive SAM (Kwon et al. 2021), radius --asam-rho", "asam_rho", {"adaptive": True, "eta": 0.01}
-    ),
-    "looksam": Method(
-        "LookSAM", "LookSAM", "SAM's ascent every 5th step, reused in between (Liu et al. 2022)",
-        settings={"k": 5, "alpha": 0.7},
-    ),
-    "gsam": Method("GSAM", "GSAM", "surrogate-gap guided SAM (Zhuang et al. 2022)", settings={"alpha": 0.1}),
-    "friendlysam": Method(
-        "FriendlySAM", "FriendlySAM", "SAM without the batch's full-gradient component (Li et al. 2024)",
-        settings={"sigma": 1.0, "lmbda": 0.9},
-    ),
-    "msam": Method(
-        "MSAM", "MSAM", "momentum SAM, one pass per step (Becker et al. 2024), radius --msam-rho", "msam_rho"
-    ),
-}  # fmt: skip
 DEFAULT_METHODS = ("sgd", "sam", "looksam")
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_sam._compat import metric_bookkeeping
-from lightning_sam.step import batchnorm_statistics_kept
+from lightning_sam._restore import batchnorm_statistics_kept
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

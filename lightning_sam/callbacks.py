@@ -23,10 +23,10 @@ from typing_extensions import override
 from lightning_sam import sharpness
 from lightning_sam._compat import lightning_logging_step, lightning_logs_this_batch
 from lightning_sam._observe import loss_in, observing
+from lightning_sam._restore import rng_state, set_rng_state
 from lightning_sam.figures import density_curve, save_spectrum_figure
 from lightning_sam.hessian import HVP_BACKENDS, HVPFallbackWarning, Spectrum
 from lightning_sam.measures import MEASURES, PER_MODULE_MEASURES, FixedBatch, NotThisStep, TrainingStep, Unavailable
-from lightning_sam.step import rng_state, set_rng_state
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger, log_line_plot
 
 __all__ = ["SharpnessMonitor"]

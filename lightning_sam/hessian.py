@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_sam.functional import restore_
+from lightning_sam._restore import weights_kept
 
 __all__ = [
     "HVP_BACKENDS",
@@ -166,7 +166,6 @@ class HessianOperator:
     def _finite_difference(self, vectors: Sequence[Tensor]) -> list[Tensor]:
         params = self.params
         with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
             w_norm = math.sqrt(sum(float(p.float().square().sum()) for p in params))
             v_norm = math.sqrt(sum(float(v.float().square().sum()) for v in vectors))
             if v_norm == 0:
@@ -175,15 +174,12 @@ class HessianOperator:
             eps = max(torch.finfo(p.dtype).eps for p in params)
             h = eps ** (1 / 3) * (1 + w_norm) / v_norm
         sides = []
-        try:
+        with weights_kept(params) as saved:
             for sign in (1.0, -1.0):
                 with torch.no_grad():
                     for p, w, v in zip(params, saved, vectors, strict=True):
                         p.copy_(w).add_(v, alpha=sign * h)
                 sides.append(_gradients(self.loss_fn, params, create_graph=False)[1])
-        finally:
-            with torch.no_grad():
-                restore_(params, saved)
         return [
             (plus.to(wide) - minus.to(wide)).div_(2 * h).to(p.dtype)
             for p, plus, minus in zip(params, *sides, strict=True)

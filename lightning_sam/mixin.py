@@ -158,7 +158,7 @@ class SAMMixin:
                 "SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)."
             )
         optimizer = optimizers[0]
-        if isinstance(optimizer.start, float) and optimizer.total_steps is None:  # late-phase SAM
+        if isinstance(optimizer.schedule.start, float) and optimizer.total_steps is None:  # late-phase SAM
             optimizer.total_steps = int(trainer.estimated_stepping_batches)
         driver = _LightningSAM(module, self, optimizer)
         if driver.step.global_ascent and self.sam_sync_ascent is False:
@@ -188,29 +188,23 @@ class _LightningSAM:
             same_randomness=settings.sam_same_randomness,
             nonfinite=settings.sam_nonfinite,
         )
-        if self.scaler is not None:  # the GradScaler finds and skips non-finite steps itself
-            optimizer._runtime.nonfinite = "unchecked"
         self.iterates = is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
-        self.sync_ascent = bool(settings.sam_sync_ascent) or self.step.global_ascent
+        # MSAM's ascent needs no gradient: its first forward never prepares a backward
+        self.sync_ascent = (
+            bool(settings.sam_sync_ascent) or self.step.global_ascent
+        ) and not optimizer.policy.pre_forward
         self.pending: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
         self.paused_sync: DistributedDataParallel | None = None
 
     def first_pass(self, training_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Lightning's ``training_step`` call: the pass at ``w``, remembered for the second pass."""
         self._resume_sync()  # in case the last batch had no backward (SWA's BatchNorm epoch)
-        self.step.end_one_pass()  # likewise
         self.pending = None
         self.step.begin()
         if not self.step.ascending:
-            try:
-                output = training_step(*args, **kwargs)
-            except BaseException:
-                self.step.end_one_pass()
-                raise
+            output = training_step(*args, **kwargs)
             if (loss := loss_in(output)) is not None:
                 self.settings.sam_stats = {"loss": loss.detach()}
-            else:  # no backward follows
-                self.step.end_one_pass()
             return output
         recorder = _Recorder(args[0]) if self.iterates else None
         if recorder is not None:
@@ -234,41 +228,53 @@ class _LightningSAM:
         """Lightning's ``backward`` call: the ascent, the pass at ``w + e`` and its backward, back to ``w``."""
         if self.pending is None:  # one pass (a step without ascent), or a backward we did not see coming
             self._resume_sync()
-            try:
-                backward(loss)
-            finally:
-                self.step.end_one_pass()
+            backward(loss)
+            self.step.end_one_pass()
             self._finalize()
             return
         args, kwargs, raw_loss = self.pending
         self.pending = None
         trainer = self.module.trainer
         ddp = self._ddp()
-        try:
-            if ddp is not None and self.sync_ascent and not ddp.require_backward_grad_sync:
-                with _sync_enabled(ddp, loss):  # inside an accumulation window Lightning paused the all-reduce
-                    norm = self.step.ascend(loss, scaled=True)
-            else:
-                norm = self.step.ascend(loss, scaled=True)  # the precision plugin scaled it
-        finally:
-            self._resume_sync()
-        with self._second_pass(), observing(self.module, batchnorm=False):
-            perturbed = self.step.second_forward(lambda: _loss_of(trainer.strategy.training_step(*args, **kwargs)))
-        self.step.second_backward(perturbed / trainer.accumulate_grad_batches, backward)  # SAMStep scales it
+        try:  # from the move to w + e until the weights are back: any exception puts them back before it leaves
+            try:
+                if ddp is not None and self.sync_ascent and not ddp.require_backward_grad_sync:
+                    with _sync_enabled(ddp, loss):  # inside an accumulation window Lightning paused the all-reduce
+                        norm = self.step.ascend(loss, scaled=True)
+                else:
+                    norm = self.step.ascend(loss, scaled=True)  # the precision plugin scaled it
+            finally:
+                self._resume_sync()
+            with self._second_pass(), observing(self.module, batchnorm=False):
+                forward = lambda: _loss_of(trainer.strategy.training_step(*args, **kwargs))  # noqa: E731
+                perturbed = self.step.second_forward(forward)
+            self.step.second_backward(perturbed / trainer.accumulate_grad_batches, backward)  # SAMStep scales it
+        except BaseException:
+            self.step.abandon()
+            raise
         self._finalize()
-        unscale = trainer.accumulate_grad_batches / (self.scaler.get_scale() if self.scaler is not None else 1.0)
-        self.settings.sam_stats = {
-            "loss": raw_loss,
-            "perturbed_loss": perturbed.detach(),
-            "first_order_sharpness": perturbed.detach() - raw_loss,
-            "grad_norm": norm * unscale,
-        }
+        self.settings.sam_stats = {"loss": raw_loss, "perturbed_loss": perturbed.detach()}
+        if not self.step.optimizer.policy.pre_forward:  # MSAM's move is not SAM's ascent: no first-order sharpness
+            scale = self.step.grad_scale()
+            unscale = trainer.accumulate_grad_batches / (scale if scale is not None else 1.0)
+            self.settings.sam_stats["first_order_sharpness"] = perturbed.detach() - raw_loss
+            self.settings.sam_stats["grad_norm"] = norm * unscale
 
     def _finalize(self) -> None:
         """After the window's last backward: the variant's direction, for the hooks and the clipping that follow."""
-        optimizer = self.step.optimizer
-        if optimizer.changes_the_descent and lightning_steps_after_this_batch(self.module.trainer):
-            optimizer.finalize_gradient(self.scaler.get_scale() if self.scaler is not None else 1.0)
+        if lightning_steps_after_this_batch(self.module.trainer):
+            self.step.optimizer.finalize_gradient(self.step.grad_scale())
+
+    def window_starts(self) -> None:
+        """Lightning's ``on_before_zero_grad``: an optimizer step begins (its first batch's first pass has run).
+
+        A step still open from an earlier window never reached SAM's ``step()`` (the GradScaler
+        skipped it, or its last batch had no backward): it is dropped here, with all it kept.
+        Lightning zeroes the gradients after the first pass, so the gradients alone cannot tell.
+        """
+        protocol = self.step.optimizer.protocol
+        if protocol.ctx is not None and protocol.ctx.micro_batches > 0:
+            protocol.begin(grad_scale=self.step.grad_scale(), nonfinite=self.step.nonfinite)
 
     def _ddp(self) -> DistributedDataParallel | None:
         model = self.module.trainer.strategy.model
@@ -362,8 +368,16 @@ def _around_backward(self: Any, backward: Callable[..., Any], args: tuple[Any, .
     return driver.backward(lambda tensor: backward(tensor, *rest, **kwargs), loss)
 
 
+def _around_zero_grad(self: Any, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    driver: _LightningSAM | None = self.__dict__.get("_sam_driver")
+    if driver is not None and self.trainer.training:
+        driver.window_starts()
+    return hook(*args, **kwargs)
+
+
 _WRAPPERS = {
     "training_step": _outermost(_around_training_step),
+    "on_before_zero_grad": _outermost(_around_zero_grad),
     "backward": _outermost(_around_backward),
     "configure_optimizers": _outermost(lambda self, configure, args, kwargs: self._sam_configure_optimizers(configure)),
     "configure_callbacks": _outermost(lambda self, configure, args, kwargs: self._sam_configure_callbacks(configure)),

@@ -20,12 +20,12 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_sam._restore import weights_kept
 from lightning_sam.functional import grad_norm_squared, perturb_, restore_
 from lightning_sam.hessian import (
     HVP_BACKENDS,
@@ -69,18 +69,6 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def _norm(vectors: Sequence[Tensor]) -> Tensor:
     return _dot(vectors, vectors).sqrt()
-
-
-@contextmanager
-def _restored(params: Sequence[Tensor]) -> Iterator[list[Tensor]]:
-    """Yield a copy of the parameters and give them back bitwise from it, whatever happens inside."""
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-    try:
-        yield saved
-    finally:
-        with torch.no_grad():
-            restore_(list(params), saved)
 
 
 def gradients(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -191,7 +179,7 @@ def adaptive_sharpness_avg(
         The estimate (0-dim tensor).
     """
     params = list(params)
-    with torch.no_grad(), _restored(params) as saved:
+    with torch.no_grad(), weights_kept(params) as saved:
         base = loss_fn()
         losses = []
         for _ in range(max(samples // 2, 1)):
@@ -221,7 +209,7 @@ def adaptive_sharpness_worst(loss_fn: LossFn, params: Sequence[Tensor], *, rho: 
         The estimate (0-dim tensor, ``>= 0``).
     """
     params = list(params)
-    with _restored(params) as saved:
+    with weights_kept(params) as saved:
         scale = [w.abs() for w in saved]
         z = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
@@ -283,7 +271,7 @@ def loss_along(loss_fn: LossFn, params: Sequence[Tensor], direction: Sequence[Te
         The losses (1-D tensor, on the loss's device).
     """
     params = list(params)
-    with torch.no_grad(), _restored(params) as saved:
+    with torch.no_grad(), weights_kept(params) as saved:
         losses = []
         for alpha in alphas.tolist():
             for p, w, d in zip(params, saved, direction, strict=True):

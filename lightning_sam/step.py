@@ -2,68 +2,20 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lightning_sam._compat import batchnorm_types
+from lightning_sam._restore import BatchNormSnapshot, RngState, rng_state, set_rng_state
 from lightning_sam.optimizer import SAM
+from lightning_sam.policy import StepContext
 
-__all__ = ["SAMStep", "batchnorm_statistics_kept", "rng_state", "set_rng_state"]
+__all__ = ["SAMStep"]
 
 T = TypeVar("T")
-RngState = tuple[Tensor, list[Tensor] | None]
-
-
-def rng_state() -> RngState:
-    """Torch's CPU generator and, once CUDA is in use, every CUDA device's (what dropout draws from)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
-
-
-def set_rng_state(state: RngState) -> None:
-    """Put back a state from [`rng_state`][lightning_sam.step.rng_state]."""
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
-@contextmanager
-def batchnorm_statistics_kept(module: nn.Module | None) -> Iterator[None]:
-    """Put every BatchNorm's running statistics (``SyncBatchNorm`` too) back bitwise after the block."""
-    saved = _BatchNormSnapshot(module)
-    try:
-        yield
-    finally:
-        saved.restore()
-
-
-class _BatchNormSnapshot:
-    """Copies of the running statistics that a forward pass in training mode updates."""
-
-    def __init__(self, module: nn.Module | None) -> None:
-        self.buffers = [] if module is None else _batchnorm_buffers(module)
-        self.saved = [b.clone() for b in self.buffers]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for buffer, value in zip(self.buffers, self.saved, strict=True):
-                buffer.copy_(value)
-
-
-def _batchnorm_buffers(module: nn.Module) -> list[Tensor]:
-    """Running statistics that a forward pass in training mode updates."""
-    return [
-        buffer
-        for m in module.modules()
-        if isinstance(m, batchnorm_types()) and m.training and getattr(m, "track_running_stats", False)
-        for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if isinstance(buffer, Tensor)
-    ]
 
 
 class SAMStep:
@@ -72,26 +24,33 @@ class SAMStep:
     One call of [`run`][lightning_sam.SAMStep.run] per (micro-)batch does the whole
     protocol: the gradient of the loss at ``w`` is taken on its own (the gradients
     accumulated so far stay aside; on DDP each device ascends with its own gradient),
-    ``first_step`` moves to ``w + e``, the loss at ``w + e`` is computed with the random
+    the optimizer moves to ``w + e``, the loss at ``w + e`` is computed with the random
     state of the first pass (same dropout masks) and BatchNorm statistics left as the
     first pass made them, and back-propagated (accumulating); the weights go back to ``w``
     bitwise whatever happens. Then call
     ``optimizer.step()`` (or ``scaler.step(optimizer)``): it steps the base optimizer, or
-    skips a step whose gradient is not finite and leaves weights and optimizer state
-    unchanged. A non-finite first pass (loss, or gradient norm) never moves the weights;
-    its second pass is made NaN, so that the step is skipped on every rank (DDP's
-    all-reduce carries the NaN) and a GradScaler backs off.
+    skips a step whose gradient is not finite and leaves weights, optimizer state and the
+    variant's state unchanged. A non-finite first pass (loss, or gradient norm) never
+    moves the weights; its second pass is made NaN, so that the step is skipped on every
+    rank (DDP's all-reduce carries the NaN) and a GradScaler backs off. A step costs one
+    host synchronization (the optimizer's verdict), none with a GradScaler (whose own
+    check decides).
 
     The phases are public for loops that split them across hooks (``SAMMixin`` does):
     [`begin`][lightning_sam.SAMStep.begin] before the first forward,
     [`ascend`][lightning_sam.SAMStep.ascend] with its loss,
     [`second_forward`][lightning_sam.SAMStep.second_forward],
     [`second_backward`][lightning_sam.SAMStep.second_backward]. A step may also take one
-    pass: when the optimizer's ``ascent_due()`` is False, ``run`` back-propagates the
-    loss at ``w`` alone (or, for MSAM, at a point the optimizer chose before the forward).
+    pass: when the step does not ascend (the policy's schedule), ``run`` back-propagates
+    the loss at ``w`` alone (MSAM: at the point it moves to before the forward).
 
-    All state between batches lives in the gradients and the optimizer's ``state_dict``;
-    a step keeps its own (random state, the gradients set aside) only until it ends.
+    All state between batches lives in the gradients, the optimizer's ``state_dict`` and
+    the open step's [`StepContext`][lightning_sam.policy.StepContext]: the micro-batches
+    of one optimizer step share it, and a micro-batch abandoned by an exception adds
+    nothing to it, so that running the batch again is as if it had run once. A step starts
+    afresh when the gradients have changed since its last micro-batch (a GradScaler
+    unscaled them, ``zero_grad`` cleared them): one that never reached ``step()`` leaves
+    no trace.
 
     Args:
         optimizer: The SAM optimizer; from now on its ``step()`` is the descent of a step
@@ -114,7 +73,7 @@ class SAMStep:
             Sharded (DTensor) parameters, as FSDP2 and tensor parallelism make them, always
             take the first pass through ``backward`` (FSDP2 reduce-scatters it): under
             sharding the ascent is global. So do the variants whose state uses the first
-            pass's gradient (``ascent_must_be_global``: LookSAM, GSAM, FriendlySAM).
+            pass's gradient (``needs_global_ascent``: LookSAM, GSAM, FriendlySAM).
         same_randomness: Replay the first pass's random state in the second.
         nonfinite: What ``optimizer.step()`` does with a non-finite gradient: ``"skip"``
             with a ``RuntimeWarning``, or ``"raise"`` ``FloatingPointError``.
@@ -161,68 +120,88 @@ class SAMStep:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.backward = backward if backward is not None else Tensor.backward
         self.ascent_backward = ascent_backward
-        self.sharded = any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
-        self.global_ascent = self.sharded or optimizer.ascent_must_be_global
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.sharded = any(isinstance(p, DTensor) for p in params)
+        self.global_ascent = self.sharded or optimizer.policy.needs_global_ascent
         self.same_randomness = same_randomness
-        optimizer._runtime.driven = True
-        optimizer._runtime.nonfinite = nonfinite
+        self.nonfinite = nonfinite
+        self._device = params[0].device if params else torch.device("cpu")
+        optimizer.protocol.driven = True
         self.stats: dict[str, Tensor] = {}
-        self.ascending = True
-        self.pre_perturbed = False
+        self._ascending = False
         self._rng_before: RngState | None = None
-        self._finite = True
-        self._batchnorm: _BatchNormSnapshot | None = None
+        self._batchnorm: BatchNormSnapshot | None = None
+
+    @property
+    def ctx(self) -> StepContext | None:
+        """The optimizer's open step (its context), or None between steps."""
+        return self.optimizer.protocol.ctx
+
+    @property
+    def ascending(self) -> bool:
+        """Whether the last micro-batch begun perturbs the weights ([`begin`][lightning_sam.SAMStep.begin] decides)."""
+        return self._ascending
 
     def run(self, loss_fn: Callable[[], Tensor]) -> Tensor:
         """One micro-batch: both passes (or one), the gradient added to ``.grad``.
 
         Fills [`stats`][lightning_sam.SAMStep]: ``loss`` (at ``w``), ``perturbed_loss``
         (at ``w + e``), ``first_order_sharpness`` (their difference) and ``grad_norm``
-        (the norm that scaled ``e``, of the gradient as ``backward`` made it).
+        (the norm that scaled ``e``, unscaled); a one-pass step has ``loss`` alone (MSAM's:
+        ``perturbed_loss``, at the point it moved to).
 
         Returns:
-            The loss at ``w`` (detached).
+            The loss at ``w`` (MSAM: at the point it moved to), detached.
         """
         self.begin()
-        if not self.ascending:
+        protocol = self.optimizer.protocol
+        if not self.ascending or self.optimizer.policy.pre_forward:
+            if self.ascending:  # MSAM: to the point it steps from, before the only forward
+                protocol.perturb()
             try:
                 loss = loss_fn()
                 self.backward(self._scaled(loss))
             finally:
-                self.end_one_pass()
-            self.stats = {"loss": loss.detach()}
+                protocol.restore()
+            protocol.end_micro_batch()
+            self.stats = {"perturbed_loss" if self.ascending else "loss": loss.detach()}
             return loss.detach()
         loss = loss_fn()
-        norm = self.ascend(loss)
-        perturbed_loss = self.second_forward(loss_fn)
-        self.second_backward(perturbed_loss)
+        try:
+            norm = self.ascend(loss)
+            perturbed_loss = self.second_forward(loss_fn)
+            self.second_backward(perturbed_loss)
+        except BaseException:
+            self.abandon()
+            raise
         loss, perturbed_loss = loss.detach(), perturbed_loss.detach()
+        scale = self.grad_scale()
         self.stats = {
             "loss": loss,
             "perturbed_loss": perturbed_loss,
             "first_order_sharpness": perturbed_loss - loss,
-            "grad_norm": norm / (self.scaler.get_scale() if self.scaler is not None else 1.0),
+            "grad_norm": norm if scale is None else norm / scale,
         }
         return loss
 
     def begin(self) -> None:
-        """Start a micro-batch, before its first forward: decide one pass or two, note the random state.
+        """Start a micro-batch, before its first forward: the optimizer step it belongs to, one pass or two.
 
-        On a one-pass step a variant that perturbs without a gradient (MSAM) moves the
-        weights now; [`end_one_pass`][lightning_sam.SAMStep.end_one_pass] puts them back.
+        The open step continues while the gradients are as its last micro-batch left them;
+        otherwise a fresh one begins.
         """
-        self.ascending = self.optimizer.ascent_due()
-        self._rng_before = rng_state() if self.ascending and self.same_randomness else None
-        self.pre_perturbed = not self.ascending and self.optimizer.perturb_before_forward()
+        self._ascending = self.optimizer.protocol.open(grad_scale=self.grad_scale(), nonfinite=self.nonfinite).ascending
+        self._rng_before = rng_state() if self._ascending and self.same_randomness else None
 
     def end_one_pass(self) -> None:
-        """After a one-pass step's backward: the weights back at ``w`` (bitwise), if they were moved."""
-        if self.pre_perturbed:
-            self.optimizer.restore()
-            self.pre_perturbed = False
+        """After a one-pass micro-batch's backward: it joins the step."""
+        if self.optimizer.protocol.ctx is not None:
+            self.optimizer.protocol.end_micro_batch()
 
     def ascend(self, loss: Tensor, *, scaled: bool = False) -> Tensor:
         """Take the gradient of the loss at ``w`` on its own and move to ``w + e``; returns the norm that scaled ``e``.
+
+        For MSAM the move needs no gradient: ``loss`` is not back-propagated.
 
         Args:
             loss: The first pass's loss (divided by the accumulation steps is fine: the
@@ -231,9 +210,11 @@ class SAMStep:
                 precision plugin does that).
 
         Returns:
-            The norm of the gradient that set ``e``, in the scaler's units when there is one.
+            The norm of the direction that set ``e``, in the scaler's units when there is one.
         """
         sam = self.optimizer
+        if sam.policy.pre_forward:
+            return sam.protocol.perturb()
         loss = loss if scaled else self._scaled(loss)
         params = [p for group in sam.param_groups for p in group["params"]]
         aside = [p.grad for p in params]  # the gradients accumulated so far wait outside the first pass
@@ -253,12 +234,10 @@ class SAMStep:
                     p.grad = g
             else:
                 (self.ascent_backward or self.backward)(loss)
-            norm = sam.first_step(grad_scale=self.scaler.get_scale() if self.scaler is not None else 1.0)
+            return sam.protocol.perturb(loss.detach(), owned=True)  # the first pass's gradients are ours
         finally:
             for p, g in zip(params, aside, strict=True):
                 p.grad = g
-        self._finite = sam._runtime.finite and bool(torch.isfinite(loss.detach()))
-        return norm
 
     def second_forward(self, forward: Callable[[], T]) -> T:
         """Run ``forward`` at ``w + e`` with the first pass's random state.
@@ -266,14 +245,15 @@ class SAMStep:
         The BatchNorm statistics it updates are put back by ``second_backward`` (the
         backward pass still needs them as they are).
         """
-        rng_after = rng_state() if self._rng_before is not None else None
-        self._batchnorm = _BatchNormSnapshot(self.module)
+        rng_after = None
         try:
+            rng_after = rng_state() if self._rng_before is not None else None
+            self._batchnorm = BatchNormSnapshot(self.module)
             if self._rng_before is not None:
                 set_rng_state(self._rng_before)
             return forward()
         except BaseException:
-            self._end()
+            self.abandon()
             raise
         finally:
             if rng_after is not None:
@@ -282,17 +262,25 @@ class SAMStep:
     def second_backward(self, loss: Tensor, backward: Callable[[Tensor], Any] | None = None) -> None:
         """Back-propagate the loss at ``w + e`` (accumulating into ``.grad``), then put ``w`` back bitwise."""
         try:
-            if not self._finite:  # the step must be skipped: a NaN gradient says so to every rank and to a scaler
-                loss = loss * math.nan
-            (backward or self.backward)(self._scaled(loss))
+            (backward or self.backward)(self._scaled(self.ctx.carry(loss) if self.ctx is not None else loss))
         finally:
-            self._end()
+            self.abandon()  # the weights back to w, BatchNorm statistics as the first pass left them
+        self.optimizer.protocol.end_micro_batch()
+
+    def grad_scale(self) -> Tensor | None:
+        """The GradScaler's scale as a tensor (never read on the host), or None without a scaler."""
+        return None if self.scaler is None else self.scaler.scale(torch.ones((), device=self._device))
 
     def _scaled(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def _end(self) -> None:
-        """Weights back to ``w`` and BatchNorm statistics as the first pass left them."""
+    def abandon(self) -> None:
+        """Weights back to ``w`` (bitwise) and BatchNorm statistics as the first pass left them; a no-op after.
+
+        Call it when a micro-batch's passes stop half-way (an exception between them); the
+        phases call it themselves on their own failures. The micro-batch adds nothing to its
+        optimizer step, so that running it again is as if it had run once.
+        """
         self.optimizer.restore()
         if self._batchnorm is not None:
             self._batchnorm.restore()

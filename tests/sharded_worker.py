@@ -24,7 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from lightning_sam import SAM, SAMStep, SharpnessMonitor
+from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMStep, SharpnessMonitor
 from lightning_sam.measures import MEASURES
 
 
@@ -112,7 +112,7 @@ def lightning_fit(mode: str, out_dir: Path) -> dict[str, Any]:
     return {
         "trajectory": trajectory.params,
         "global_step": fit.global_step,
-        "buffer_numel": sum(b.numel() for b in opt._runtime.buffers.values()),
+        "buffer_numel": sum(b.numel() for b in opt.protocol.buffers.tensors()),
         "local_numel": local,
         "full_numel": full_params(module).numel(),
     }
@@ -131,6 +131,99 @@ def lightning_resume(out_dir: Path) -> dict[str, Any]:
     ckpt = out_dir.parent / "lightning_checkpoint" / "ckpt" / "last.ckpt"
     fit.fit(module, datamodule=RankData(), ckpt_path=ckpt)
     return {"final": full_params(module), "global_step": fit.global_step}
+
+
+# Every variant through a distributed checkpoint: a 2-epoch fit saving after each epoch, and a resume from epoch 1.
+# 4 optimizer steps an epoch (32 samples per rank, batches of 8); the checkpoint holds steps 0-3. LookSAM's k=3: SAM
+# steps 0, 3 and 6, so the checkpoint's g_v is step 3's and the resumed epoch's first step (a reuse) steps with it.
+# FriendlySAM's moving average has had 4 updates; SAM(start=3) ascends from step 3, SAM(interval=2) on even steps.
+SGD = torch.optim.SGD
+VARIANTS: dict[str, Any] = {
+    "looksam": lambda params: LookSAM(params, SGD, rho=0.05, k=3, alpha=0.7, lr=0.1, momentum=0.9),
+    "gsam": lambda params: GSAM(params, SGD, rho=0.05, alpha=0.2, lr=0.1, momentum=0.9),
+    "friendly_sam": lambda params: FriendlySAM(params, SGD, rho=0.05, lmbda=0.6, lr=0.1, momentum=0.9),
+    "msam": lambda params: MSAM(params, SGD, rho=0.3, lr=0.1, momentum=0.9),
+    "sam_interval": lambda params: SAM(params, SGD, rho=0.05, interval=2, lr=0.1, momentum=0.9),
+    "sam_start": lambda params: SAM(params, SGD, rho=0.05, start=3, lr=0.1, momentum=0.9),
+}
+
+
+class ShardedVariantNet(ShardedSAMNet):
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return VARIANTS[self.variant](self.parameters())  # type: ignore[no-any-return]
+
+
+def local(value: Any) -> Any:
+    """This rank's shard of a tensor (a copy), or the value as it is."""
+    if isinstance(value, DTensor):
+        return value.to_local().detach().clone()
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def optimizer_snapshot(module: nn.Module, opt: SAM) -> dict[str, Any]:
+    """This rank's view of the optimizer: the variant's state, the base optimizer's and the groups' keys, by name."""
+    names = {p: name for name, p in module.named_parameters()}
+    return {
+        "sam_state": {
+            names[p]: {k: local(v) for k, v in entries.items()} for p, entries in opt.sam_state.items() if entries
+        },
+        "sam_state_dtensor": {
+            names[p]: {k: isinstance(v, DTensor) for k, v in entries.items()}
+            for p, entries in opt.sam_state.items()
+            if entries
+        },
+        "base_state": {names[p]: {k: local(v) for k, v in entries.items()} for p, entries in opt.state.items()},
+        "groups": [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups],
+    }
+
+
+class Snapshots(Callback):
+    """The optimizer at the end of the first epoch (what the checkpoint holds), and at the start of the fit."""
+
+    def __init__(self) -> None:
+        self.at_start: dict[str, Any] | None = None
+        self.after_first_epoch: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.at_start = {**optimizer_snapshot(pl_module, trainer.optimizers[0]), "params": full_params(pl_module)}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 0:
+            self.after_first_epoch = optimizer_snapshot(pl_module, trainer.optimizers[0])
+
+
+def variant_fit(out_dir: Path, variant: str, resume: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    module = ShardedVariantNet(variant)
+    if resume:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(1.0)  # the checkpoint must overwrite everything
+    trajectory, snapshots = Trajectory(), Snapshots()
+    callbacks: list[Callback] = [trajectory, snapshots]
+    if not resume:
+        callbacks.append(ModelCheckpoint(dirpath=out_dir / "ckpt", save_top_k=-1))  # after each epoch
+    fit = trainer(
+        strategy=data_parallel(),
+        devices=2,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        enable_checkpointing=not resume,
+        max_epochs=2,
+    )
+    ckpt = out_dir.parent / f"variant_{variant}" / "ckpt" / "epoch=0-step=4.ckpt" if resume else None
+    fit.fit(module, datamodule=RankData(), ckpt_path=ckpt)
+    return {
+        "trajectory": trajectory.params,
+        "global_step": fit.global_step,
+        "at_start": snapshots.at_start,
+        "after_first_epoch": snapshots.after_first_epoch,
+        "final_state": optimizer_snapshot(module, fit.optimizers[0]),
+    }
 
 
 def lightning_monitor(out_dir: Path, module_cls: type[Net]) -> dict[str, Any]:
@@ -187,7 +280,7 @@ def plain_fsdp2(foreach: bool) -> dict[str, Any]:
         opt.step()
         opt.zero_grad()
         trajectory.append(full_params(model))
-    return {"trajectory": trajectory, "buffer_numel": sum(b.numel() for b in opt._runtime.buffers.values())}
+    return {"trajectory": trajectory, "buffer_numel": sum(b.numel() for b in opt.protocol.buffers.tensors())}
 
 
 def plain_fsdp1() -> dict[str, Any]:
@@ -248,6 +341,8 @@ SPECIAL = {
     "plain_fsdp2_per_tensor": lambda out: plain_fsdp2(foreach=False),
     "plain_fsdp1": lambda out: plain_fsdp1(),
     "fabric_fsdp2": lambda out: fabric_fsdp2(),
+    **{f"variant_{v}": (lambda out, v=v: variant_fit(out, v, resume=False)) for v in VARIANTS},
+    **{f"variant_{v}_resume": (lambda out, v=v: variant_fit(out, v, resume=True)) for v in VARIANTS},
 }
 
 

@@ -55,7 +55,7 @@ def test_every_method_builds_its_documented_optimizer(method: str) -> None:
     assert group["rho"] == {"asam": 0.8, "msam": 0.25}.get(method, 0.15)
     assert group["adaptive"] is (method == "asam")
     for name, value in METHODS[method].settings.items():
-        assert group.get(name, getattr(opt, name, None)) == value, name
+        assert group.get(name, getattr(opt.policy, name, getattr(opt, name, None))) == value, name
 
 
 def test_adaptive_runs_asam_and_says_so() -> None:

@@ -265,12 +265,12 @@ def test_memory_one_buffer_allocated_once_and_reused(foreach: bool, adaptive: bo
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, adaptive=adaptive, foreach=foreach)
     batch = make_batches(1, dtype=torch.float32)[0]
     sam_step(opt, model, batch)  # momentum buffers and SAM's copy of the weights exist from here on
-    buffers = [b.data_ptr() for b in opt._runtime.buffers.values()]
-    assert sum(b.numel() for b in opt._runtime.buffers.values()) == n_params, "one parameter-sized copy"
+    buffers = [b.data_ptr() for b in opt.protocol.buffers.tensors()]
+    assert sum(b.numel() for b in opt.protocol.buffers.tensors()) == n_params, "one parameter-sized copy"
 
     for _ in range(3):
         sam_step(opt, model, batch)
-    assert [b.data_ptr() for b in opt._runtime.buffers.values()] == buffers, "the same buffers, every step"
+    assert [b.data_ptr() for b in opt.protocol.buffers.tensors()] == buffers, "the same buffers, every step"
 
 
 def test_step_restores_weights_when_the_closure_fails() -> None:
@@ -309,7 +309,7 @@ def _params() -> list[nn.Parameter]:
         (lambda: SAM(_params(), torch.optim.SGD, rho=-0.1, lr=0.1), "rho.*>= 0"),
         (lambda: SAM(_params(), torch.optim.SGD, rho=float("nan"), lr=0.1), "rho"),
         (lambda: SAM(_params(), torch.optim.SGD, eta=-0.01, lr=0.1), "eta.*>= 0"),
-        (lambda: SAM(_params(), torch.optim.SGD, perturb_eps=0.0, lr=0.1), "perturb_eps.*> 0"),
+        (lambda: SAM(_params(), torch.optim.SGD, perturb_eps=-1e-12, lr=0.1), "perturb_eps.*>= 0"),
         (lambda: SAM(_params(), torch.optim.SGD, adaptive=1, lr=0.1), "adaptive"),  # type: ignore[arg-type]
         (lambda: SAM([{"params": _params(), "rho": -1}], torch.optim.SGD, lr=0.1), "rho"),
         (lambda: SAM(_params(), torch.optim.SGD(_params(), lr=0.1), lr=0.1), "optimizer class"),  # type: ignore[arg-type]
@@ -440,7 +440,7 @@ def test_a_plain_base_optimizer_state_dict_loads_and_keeps_sams_settings() -> No
     opt = SAM(param_groups(model, adaptive=False), torch.optim.SGD, lr=0.05, momentum=0.9)
     opt.load_state_dict(plain_state)
     assert [g["rho"] for g in opt.param_groups] == [0.1, 0.03], "SAM's own settings stay"
-    assert all(g["eta"] == 0.0 and g["perturb_eps"] == 1e-12 for g in opt.param_groups)
+    assert all(g["eta"] == 0.0 and g["perturb_eps"] == 0.0 for g in opt.param_groups)
     for p in model.parameters():
         assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[p]["momentum_buffer"])
     sam_step(opt, model, make_batches(1, dtype=torch.float32)[0])  # and it steps
@@ -461,7 +461,7 @@ def test_davda54_and_pytorch_optimizer_state_dicts_load_without_their_weight_cop
     sam_step(opt, model, make_batches(1, dtype=torch.float32)[0])
 
 
-@pytest.mark.parametrize(("key", "value"), [("rho", -1.0), ("adaptive", "yes"), ("perturb_eps", 0.0)])
+@pytest.mark.parametrize(("key", "value"), [("rho", -1.0), ("adaptive", "yes"), ("perturb_eps", -1.0)])
 def test_loaded_settings_are_validated(key: str, value: Any) -> None:
     _, opt = trained(1)
     state = opt.state_dict()

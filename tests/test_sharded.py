@@ -168,6 +168,122 @@ def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(runs:
         assert torch.equal(rank_resumed["final"], rank_full["trajectory"][-1])
 
 
+# Every variant through a distributed checkpoint ----------------------------------------------------------------------
+# A 2-epoch fit (4 optimizer steps an epoch) that saves a distributed checkpoint after each epoch, and a fit resumed
+# from the first one (from other weights, which the checkpoint must overwrite) that trains the second epoch; see
+# VARIANTS in sharded_worker.py. Simplest first: a variant whose resume crashes (which ends the worker) leaves the
+# results of the ones before it.
+VARIANTS = ["sam_interval", "sam_start", "gsam", "msam", "friendly_sam", "looksam"]
+VARIANT_MODES = [mode for v in VARIANTS for mode in (f"variant_{v}", f"variant_{v}_resume")]
+STATE_NAMES = {"looksam": {"looksam_gv", "looksam_gv_norm"}, "friendly_sam": {"fsam_m"}}  # the others: none
+GROUP_KEYS = {"gsam": {"gsam_lr_max"}, "friendly_sam": {"fsam_updates"}}  # besides every method's sam_steps
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One worker for every variant's modes, apart from `runs`: a crash here fails the variant tests only."""
+    out_dir = tmp_path_factory.mktemp("sharded_variants")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(HERE / "sharded_worker.py"), str(out_dir), *VARIANT_MODES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    why = "" if done.returncode == 0 else f"the worker failed (exit {done.returncode}):\n{done.stderr[-5000:]}"
+    return out_dir, why
+
+
+def variant_ranks(variant_runs: tuple[Path, str], mode: str) -> list[dict[str, Any]]:
+    out_dir, why = variant_runs
+    if not all((out_dir / mode / f"rank{r}.pt").exists() for r in range(WORLD)):
+        pytest.fail(f"{mode} left no results; {why or 'the worker did not run it'}")
+    return ranks_of(out_dir, mode)
+
+
+def assert_same_values(got: Any, expected: Any, where: str) -> None:
+    """Equal nested dicts and lists, tensors bitwise (dtype and shape too), each key present on both sides."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict), f"{where}: {got!r} is not a dict"
+        assert set(got) == set(expected), f"{where}: keys {sorted(got)} != {sorted(expected)}"
+        for key in expected:
+            assert_same_values(got[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), f"{where}: {got!r} != {expected!r}"
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_same_values(a, b, f"{where}[{i}]")
+    elif isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{where}: {got!r} is not a tensor"
+        assert got.dtype == expected.dtype and got.shape == expected.shape, f"{where}: {got} != {expected}"
+        assert torch.equal(got, expected), f"{where}: {got} != {expected}"
+    else:
+        assert got == expected, f"{where}: {got!r} != {expected!r}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_state_at_the_checkpoint_is_the_variants_and_not_trivial(
+    variant: str, variant_runs: tuple[Path, str]
+) -> None:
+    for rank, run in enumerate(variant_ranks(variant_runs, f"variant_{variant}")):
+        saved = run["after_first_epoch"]
+        for group in saved["groups"]:
+            assert group["sam_steps"] == 4, f"rank {rank}: the checkpoint holds 4 steps"
+            assert GROUP_KEYS.get(variant, set()) <= set(group), f"rank {rank}: {sorted(group)}"
+        assert len(saved["base_state"]) == 4 and all("momentum_buffer" in s for s in saved["base_state"].values())
+        names = STATE_NAMES.get(variant, set())
+        assert set(saved["sam_state"]) == (set(saved["base_state"]) if names else set()), f"rank {rank}"
+        for name, entries in saved["sam_state"].items():
+            assert set(entries) == names, f"rank {rank}, {name}: {sorted(entries)}"
+            momentum = saved["base_state"][name]["momentum_buffer"]
+            for key, value in entries.items():
+                if key == "looksam_gv_norm":
+                    assert value.dim() == 0 and value > 0, f"rank {rank}, {name}: g_v from step 3's SAM step"
+                    assert not saved["sam_state_dtensor"][name][key]
+                else:  # like the parameter: a DTensor, this rank's shard of it
+                    assert saved["sam_state_dtensor"][name][key], f"rank {rank}, {name}.{key} is no DTensor"
+                    assert value.shape == momentum.shape, f"rank {rank}, {name}.{key}: {value.shape}"
+        if variant == "looksam":
+            assert any(bool(e["looksam_gv"].abs().sum() > 0) for e in saved["sam_state"].values() if e)
+        if variant == "friendly_sam":
+            assert all(g["fsam_updates"] == 4 for g in saved["groups"]), "the moving average moved on every step"
+            assert any(bool(e["fsam_m"].abs().sum() > 0) for e in saved["sam_state"].values())
+        if variant == "gsam":
+            assert all(g["gsam_lr_max"] == 0.1 for g in saved["groups"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_state_after_loading_a_distributed_checkpoint_is_each_ranks_shard_of_it(
+    variant: str, variant_runs: tuple[Path, str]
+) -> None:
+    """Directly: what the resumed fit starts from (on_train_start) is what the uninterrupted run had after epoch 1."""
+    resumed = variant_ranks(variant_runs, f"variant_{variant}_resume")
+    uninterrupted = variant_ranks(variant_runs, f"variant_{variant}")
+    for rank, (rank_resumed, rank_full) in enumerate(zip(resumed, uninterrupted, strict=True)):
+        loaded, saved = rank_resumed["at_start"], rank_full["after_first_epoch"]
+        for key in ("sam_state", "sam_state_dtensor", "base_state", "groups"):
+            assert_same_values(loaded[key], saved[key], f"rank {rank}, {key}")
+        assert torch.equal(loaded["params"], rank_full["trajectory"][3]), f"rank {rank}: the checkpoint's weights"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_resumed_from_a_distributed_checkpoint_equals_the_uninterrupted_run(
+    variant: str, variant_runs: tuple[Path, str]
+) -> None:
+    resumed = variant_ranks(variant_runs, f"variant_{variant}_resume")
+    uninterrupted = variant_ranks(variant_runs, f"variant_{variant}")
+    assert (variant_runs[0] / f"variant_{variant}" / "ckpt" / "epoch=0-step=4.ckpt").is_dir(), "a distributed one"
+    for run in (resumed, uninterrupted):
+        assert all(torch.equal(a, b) for a, b in zip(run[0]["trajectory"], run[1]["trajectory"], strict=True))
+    for rank, (rank_resumed, rank_full) in enumerate(zip(resumed, uninterrupted, strict=True)):
+        assert rank_resumed["global_step"] == rank_full["global_step"] == 8
+        assert len(rank_full["trajectory"]) == 8 and len(rank_resumed["trajectory"]) == 4
+        for step, (a, b) in enumerate(zip(rank_resumed["trajectory"], rank_full["trajectory"][4:], strict=True)):
+            assert torch.equal(a, b), f"rank {rank}: after step {4 + step}, max diff {(a - b).abs().max()}"
+        assert_same_values(rank_resumed["final_state"], rank_full["final_state"], f"rank {rank}, after step 7")
+
+
 def test_per_device_ascent_cannot_apply_and_says_so_once(runs: Path) -> None:
     ranks, dp = ranks_of(runs, "lightning_sync_false"), ranks_of(runs, "lightning_dp")
     assert len(ranks[0]["warnings"]) == 1 and "the parameters are sharded" in ranks[0]["warnings"][0]

@@ -11,6 +11,7 @@ from test_optimizer import BASES, flat, loss_at, make_batches, make_mlp, param_g
 from torch import nn
 
 from lightning_sam import SAM, SAMStep
+from lightning_sam.policy import Policy
 
 
 def run_steps(opt: SAM, model: nn.Module, batches: list[Any], accumulate: int = 1, **step_kwargs: Any) -> SAMStep:
@@ -124,19 +125,21 @@ def test_rng_advances_as_if_one_pass_had_run() -> None:
     assert torch.equal(after_sam, torch.get_rng_state())
 
 
-class EveryOtherStep(SAM):
+class EveryOtherStep(Policy):
     """A variant that ascends on even steps only (how a cheaper variant plugs in)."""
 
-    calls = 0
+    def ascends(self, step: int, optimizer: SAM) -> bool:
+        return step % 2 == 0
 
-    def ascent_due(self) -> bool:
-        self.calls += 1
-        return self.calls % 2 == 1
+
+class NeverAscends(Policy):
+    def ascends(self, step: int, optimizer: SAM) -> bool:
+        return False
 
 
 def test_a_step_without_ascent_is_one_pass_and_the_base_optimizers_step() -> None:
     model = make_mlp()
-    opt = EveryOtherStep(model.parameters(), torch.optim.SGD, lr=0.05)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05, policy=EveryOtherStep())
     step = SAMStep(opt, model)
     forwards: list[int] = []
     model.register_forward_hook(lambda *_: forwards.append(1))
@@ -151,8 +154,7 @@ def test_a_step_without_ascent_is_one_pass_and_the_base_optimizers_step() -> Non
 
 def test_a_one_pass_step_equals_the_base_optimizer() -> None:
     model, plain_model = make_mlp(), make_mlp()
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05)
-    opt.ascent_due = lambda: False  # type: ignore[method-assign]
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05, policy=NeverAscends())
     plain = torch.optim.SGD(plain_model.parameters(), lr=0.05)
     for batch in make_batches(3):
         SAMStep(opt, model).run(lambda batch=batch: loss_at(model, batch))
@@ -191,7 +193,7 @@ def test_a_non_finite_pass_skips_the_step_with_weights_and_state_untouched(which
         opt.step()
     assert torch.equal(flat(model), weights)
     assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, opt.state.values(), strict=True))
-    assert opt._runtime.skipped_steps == 1
+    assert opt.skipped_steps == 1
 
 
 def test_raise_instead_of_skip() -> None:
