@@ -2,7 +2,7 @@
 
 Each is checked against the versions named beside it: for Lightning and torchmetrics the
 declared floor and the newest release (CI runs the test suite on both), for torch the 2.13
-that CI installs (the names exist since the torch floor, 2.4). When one of them moves, this
+that CI installs (and is the declared floor). When one of them moves, this
 is the only module to change.
 """
 

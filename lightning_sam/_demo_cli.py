@@ -58,6 +58,7 @@ MEASURE_NAMES = (
 )
 DEFAULT_MEASURES = ("first_order", "grad_norm", "hessian_max_eig", "eos_ratio")
 SEED_MAX = 2**32 - 1
+TRAIN_SAMPLES = 1257  # scikit-learn's 1797 digits, 30% held out for the test split (lightning_sam.demo.noisy_digits)
 
 
 DEFAULT_METHODS = ("sgd", "sam", "looksam")
@@ -191,6 +192,13 @@ def parse_demo(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.measures = list(dict.fromkeys(args.measures))
     if args.out_dir.exists() and not args.out_dir.is_dir():
         parser.error(f"--out-dir got {str(args.out_dir)!r}, a file; give a directory (created if missing)")
+    per_process = TRAIN_SAMPLES // (args.devices if args.strategy == "ddp" else 1)
+    if args.batch_size > per_process:  # every epoch drops its ragged last batch: nothing would train
+        where = f" ({per_process} per process with --devices {args.devices})" if per_process < TRAIN_SAMPLES else ""
+        parser.error(
+            f"--batch-size got {args.batch_size}, more than the training split's {TRAIN_SAMPLES} samples{where}; "
+            f"give at most {per_process}"
+        )
     if args.accelerator == "cpu" and args.precision in ("16-mixed", "16"):
         parser.error(
             f"--precision got {args.precision!r}: float16 AMP needs a GPU (--accelerator gpu); "

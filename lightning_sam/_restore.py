@@ -5,8 +5,12 @@ One copy of each mechanism, and the pool of buffers a step reuses; no Lightning 
 
 from __future__ import annotations
 
+import random
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,24 +23,60 @@ __all__ = [
     "BufferPool",
     "RngState",
     "batchnorm_statistics_kept",
+    "generators_of",
     "rng_state",
     "set_rng_state",
     "weights_kept",
 ]
 
-RngState = tuple[Tensor, list[Tensor] | None]
+
+@dataclass(frozen=True)
+class RngState:
+    """Every stream a training step draws random numbers from, as it stood: what a second pass replays."""
+
+    torch_cpu: Tensor
+    cuda: list[Tensor] | None  # every CUDA device's, once CUDA is in use
+    python: Any  # random.getstate()
+    numpy: Any  # numpy.random.get_state(), when numpy is imported
+    generators: tuple[tuple[torch.Generator, Tensor], ...]  # generators of the model's own
 
 
-def rng_state() -> RngState:
-    """Torch's CPU generator and, once CUDA is in use, every CUDA device's (what dropout draws from)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+def rng_state(generators: Sequence[torch.Generator] = ()) -> RngState:
+    """Torch's CPU generator, every CUDA device's, Python's ``random``, numpy's global one, and ``generators``."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+    numpy = sys.modules.get("numpy")  # a loop that never imported numpy draws nothing from it
+    return RngState(
+        torch.get_rng_state(),
+        cuda,
+        random.getstate(),
+        numpy.random.get_state() if numpy is not None else None,
+        tuple((g, g.get_state()) for g in generators),
+    )
 
 
 def set_rng_state(state: RngState) -> None:
     """Put back a state from [`rng_state`][lightning_sam._restore.rng_state]."""
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+    torch.set_rng_state(state.torch_cpu)
+    if state.cuda is not None:
+        torch.cuda.set_rng_state_all(state.cuda)
+    random.setstate(state.python)
+    numpy = sys.modules.get("numpy")
+    if state.numpy is not None and numpy is not None:
+        numpy.random.set_state(state.numpy)
+    for generator, saved in state.generators:
+        generator.set_state(saved)
+
+
+def generators_of(module: nn.Module | None) -> list[torch.Generator]:
+    """The ``torch.Generator`` attributes of a module and its submodules (each once)."""
+    if module is None:
+        return []
+    found: dict[int, torch.Generator] = {}
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Generator):
+                found.setdefault(id(value), value)
+    return list(found.values())
 
 
 class BatchNormSnapshot:

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_sam.functional import add_scaled_, copy_scaled_, lerp_, like_param, mul_, sub_into_
-from lightning_sam.optimizer import SAM
+from lightning_sam.optimizer import SAM, BaseOptimizer
 from lightning_sam.policy import Ascent, Policy, StepContext, check_number, groups_with_grads, zeros_like_param
 
 __all__ = ["FriendlySAM", "FriendlySAMPolicy"]
@@ -117,7 +116,7 @@ class FriendlySAM(SAM):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer],
+        base_optimizer: BaseOptimizer,
         rho: float = 0.05,
         sigma: float = 1.0,
         lmbda: float = 0.9,

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_sam.functional import add_scaled_, dot, like_param, mul_
-from lightning_sam.optimizer import SAM
+from lightning_sam.optimizer import SAM, BaseOptimizer
 from lightning_sam.policy import Policy, StepContext, check_number, first_and_second, guarded_ratio, present
 
 __all__ = ["GSAM", "GSAMPolicy"]
@@ -104,7 +103,7 @@ class GSAM(SAM):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer],
+        base_optimizer: BaseOptimizer,
         rho: float = 0.05,
         alpha: float = 0.1,
         rho_min: float | None = None,

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_sam.functional import _locals, add_scaled_, copy_scaled_, dot, like_param, mul_
-from lightning_sam.optimizer import SAM
+from lightning_sam.optimizer import SAM, BaseOptimizer
 from lightning_sam.policy import (
     Policy,
     StepContext,
@@ -153,7 +152,7 @@ class LookSAM(SAM):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer],
+        base_optimizer: BaseOptimizer,
         rho: float = 0.05,
         k: int = 5,
         alpha: float = 0.7,

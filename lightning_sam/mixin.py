@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import math
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -69,9 +73,11 @@ class SAMMixin:
             all-reduce per step. Under sharding (FSDP2, tensor parallelism through
             ``ModelParallelStrategy``) the ascent is always global: a per-device ascent
             would need unsharded gradients, and ``False`` gets a warning that says so.
-        sam_same_randomness: Replay the random state of the first pass in the second,
-            so that both see the same dropout masks (like the original JAX code, which
-            reuses its PRNG key).
+        sam_same_randomness: Replay the random state of the first pass in the second
+            (torch's, Python's ``random``, numpy's global one and every ``torch.Generator``
+            attribute of the module or its submodules), so that both see the same dropout
+            masks and augmentations, like the original JAX code, which reuses its PRNG key;
+            each stream advances once per batch, as without SAM.
         sam_nonfinite: Without a GradScaler (32-bit, bf16), what a non-finite gradient
             does: ``"skip"`` the step with a warning (weights and optimizer state
             untouched) or ``"raise"`` ``FloatingPointError``. With fp16 the GradScaler
@@ -107,6 +113,12 @@ class SAMMixin:
         2
     """
 
+    # TorchScript compiles every property it is not told to leave alone (to_torchscript)
+    __jit_unused_properties__: ClassVar[list[str]] = [
+        *LightningModule.__jit_unused_properties__,
+        "sam_second_pass",
+        "_sam_module",
+    ]
     sam_sync_ascent: bool | None = None
     sam_same_randomness: bool = True
     sam_nonfinite: Literal["skip", "raise"] = "skip"
@@ -130,12 +142,17 @@ class SAMMixin:
         return self  # type: ignore[return-value]
 
     def _sam_configure_callbacks(self, configure: Callable[[], Any]) -> Any:
-        """Refuse what SAM cannot do at the very start of ``fit``, before any process group or device is set up."""
+        """At the very start of ``fit``, before any process group or device is set up: check, and take over.
+
+        Refuses what SAM cannot do, and drives the hooks assigned on the instance
+        (LightningCLI's ``--optimizer`` sets ``configure_optimizers`` there).
+        """
         module = self._sam_module
         trainer = attached_trainer(module)
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             _check_settings(self, module)
             _check_strategy(trainer.strategy)
+            _drive_instance_hooks(module)
         return configure()
 
     def _sam_configure_optimizers(self, configure: Callable[[], Any]) -> Any:
@@ -143,7 +160,7 @@ class SAMMixin:
         output = configure()
         module = self._sam_module
         trainer = attached_trainer(module)  # None when called outside a fit
-        if trainer is None:
+        if trainer is None or output is None:  # None: Lightning fits without an optimizer (and says so); so do we
             return output
         optimizers = optimizers_in(output)
         if len(optimizers) != 1:
@@ -152,14 +169,23 @@ class SAMMixin:
                 "Return a single SAM(...) optimizer (put several parameter groups in it if you need them)."
             )
         if not isinstance(optimizers[0], SAM):
+            cli = "configure_optimizers" in module.__dict__  # LightningCLI's --optimizer, or another hook set there
             raise MisconfigurationException(
                 f"SAMMixin needs configure_optimizers to return a lightning_sam.SAM, got "
-                f"{type(optimizers[0]).__name__}. Wrap the base optimizer class: "
-                "SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)."
+                f"{type(optimizers[0]).__name__}. "
+                + (
+                    "It came from LightningCLI's --optimizer (or another configure_optimizers set on the "
+                    "instance): wrap it in SAM there, e.g. --optimizer=lightning_sam.SAM "
+                    "--optimizer.base_optimizer=torch.optim.SGD --optimizer.base_optimizer.lr=0.1 --optimizer.rho=0.05 "
+                    "(YAML: optimizer: {class_path: lightning_sam.SAM, init_args: {rho: 0.05, base_optimizer: "
+                    "{class_path: torch.optim.SGD, init_args: {lr: 0.1}}}}), or drop --optimizer and return SAM "
+                    "from the module's own configure_optimizers."
+                    if cli
+                    else "Wrap the base optimizer class: SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, "
+                    "momentum=0.9)."
+                )
             )
         optimizer = optimizers[0]
-        if isinstance(optimizer.schedule.start, float) and optimizer.total_steps is None:  # late-phase SAM
-            optimizer.total_steps = int(trainer.estimated_stepping_batches)
         driver = _LightningSAM(module, self, optimizer)
         if driver.step.global_ascent and self.sam_sync_ascent is False:
             why = "the parameters are sharded" if driver.step.sharded else f"{type(optimizer).__name__} keeps it"
@@ -200,6 +226,9 @@ class _LightningSAM:
         """Lightning's ``training_step`` call: the pass at ``w``, remembered for the second pass."""
         self._resume_sync()  # in case the last batch had no backward (SWA's BatchNorm epoch)
         self.pending = None
+        schedule = self.step.optimizer.schedule
+        if isinstance(schedule.start, float) and schedule.total_steps is None:  # late-phase SAM: now that the data
+            schedule.total_steps = planned_steps(self.module.trainer)  # is set up (and restored, on a resume)
         self.step.begin()
         if not self.step.ascending:
             output = training_step(*args, **kwargs)
@@ -328,12 +357,16 @@ class _Recorder:
 
 
 def _outermost(
-    around: Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any],
+    hook: str, around: Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a hook so that ``around(self, method, args, kwargs)`` runs once, however deep ``super()`` calls nest."""
+    """Wrap a hook so that ``around(self, method, args, kwargs)`` runs once, however deep ``super()`` calls nest.
+
+    The re-entry guard is named after the hook, never after the function that implements it
+    (``training_step = _step``, a decorator, a ``partialmethod``).
+    """
+    flag = f"_sam_inside_{hook}"
 
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
-        flag = f"_sam_inside_{method.__name__}"
 
         @functools.wraps(method)
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -375,13 +408,23 @@ def _around_zero_grad(self: Any, hook: Callable[..., Any], args: tuple[Any, ...]
     return hook(*args, **kwargs)
 
 
-_WRAPPERS = {
-    "training_step": _outermost(_around_training_step),
-    "on_before_zero_grad": _outermost(_around_zero_grad),
-    "backward": _outermost(_around_backward),
-    "configure_optimizers": _outermost(lambda self, configure, args, kwargs: self._sam_configure_optimizers(configure)),
-    "configure_callbacks": _outermost(lambda self, configure, args, kwargs: self._sam_configure_callbacks(configure)),
+_AROUND: dict[str, Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]] = {
+    "training_step": _around_training_step,
+    "on_before_zero_grad": _around_zero_grad,
+    "backward": _around_backward,
+    "configure_optimizers": lambda self, configure, args, kwargs: self._sam_configure_optimizers(configure),
+    "configure_callbacks": lambda self, configure, args, kwargs: self._sam_configure_callbacks(configure),
 }
+_WRAPPERS = {name: _outermost(name, around) for name, around in _AROUND.items()}
+
+
+def _drive_instance_hooks(module: Any) -> None:
+    """A hook assigned on the instance (``module.training_step = f``) runs through the mixin as a method does."""
+    for name, wrap in _WRAPPERS.items():
+        hook = module.__dict__.get(name)
+        if hook is not None and callable(hook) and not getattr(hook, "_sam_wrapped", False):
+            wrapped = wrap(lambda self, *args, hook=hook, **kwargs: hook(*args, **kwargs))
+            module.__dict__[name] = types.MethodType(wrapped, module)
 
 
 def _inherited(name: str) -> Callable[..., Any]:
@@ -396,6 +439,36 @@ def _inherited(name: str) -> Callable[..., Any]:
 
 for _name, _wrap in _WRAPPERS.items():
     setattr(SAMMixin, _name, _wrap(_inherited(_name)))
+
+
+def planned_steps(trainer: pl.Trainer) -> int:
+    """The fit's length in optimizer steps as Lightning will run it (for a fractional ``start``).
+
+    Every epoch's batches over that epoch's accumulation (``GradientAccumulationScheduler``
+    changes it), bounded by ``max_steps``. Read at the first batch, when the data is set
+    up, never before (reading it earlier makes Lightning set up the data before a
+    mid-epoch resume restores it).
+
+    Raises:
+        MisconfigurationException: The length is not known (iterable data without a length,
+            ``max_time`` without ``max_epochs``): it asks for ``total_steps`` or a step number.
+    """
+    max_steps, max_epochs, batches = trainer.max_steps, trainer.max_epochs, trainer.num_training_batches
+    if max_epochs in (None, -1) or batches == float("inf"):
+        if max_steps != -1:
+            return int(max_steps)
+        why = "its data has no length" if batches == float("inf") else "it stops on max_time (or never)"
+        raise MisconfigurationException(
+            f"SAM(start=<fraction>) needs the training's length, and this fit cannot know it: {why}. Pass "
+            "SAM(..., total_steps=<optimizer steps>), an integer start (a step number), or Trainer(max_steps=...)."
+        )
+    callbacks = getattr(trainer, "callbacks", [])  # set by the Trainer, not declared on it
+    schedule = next((cb for cb in callbacks if isinstance(cb, GradientAccumulationScheduler)), None)
+    total = 0
+    for epoch in range(max(int(max_epochs), 1)):
+        accumulate = schedule.get_accumulate_grad_batches(epoch) if schedule else trainer.accumulate_grad_batches
+        total += math.ceil(batches / accumulate)
+    return min(total, int(max_steps)) if max_steps != -1 else total
 
 
 def _check_settings(settings: SAMMixin, module: pl.LightningModule) -> None:

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_sam.functional import _resolve_foreach
-from lightning_sam.optimizer import SAM
+from lightning_sam.optimizer import SAM, BaseOptimizer
 from lightning_sam.policy import Ascent, Group, Policy, StepContext
 
 __all__ = ["MSAM", "MSAMPolicy"]
@@ -87,10 +86,10 @@ class MSAM(SAM):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer],
+        base_optimizer: BaseOptimizer,
         rho: float = 0.3,
         **kwargs: Any,
     ) -> None:
-        if base_optimizer is torch.optim.SGD and not kwargs.get("momentum"):
-            raise ValueError("MSAM perturbs along SGD's momentum: pass momentum > 0 (e.g. momentum=0.9).")
         super().__init__(params, base_optimizer, rho=rho, policy=MSAMPolicy(), **kwargs)
+        if isinstance(self.base_optimizer, torch.optim.SGD) and not all(g["momentum"] for g in self.param_groups):
+            raise ValueError("MSAM perturbs along SGD's momentum: pass momentum > 0 (e.g. momentum=0.9).")

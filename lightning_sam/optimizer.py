@@ -13,7 +13,10 @@ from torch.optim import Optimizer
 from lightning_sam.policy import Policy, Schedule, is_number
 from lightning_sam.protocol import StepProtocol
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "BaseOptimizer"]
+
+BaseOptimizer = Callable[..., Optimizer]
+"""An optimizer class, or a callable that builds one from parameter groups (``functools.partial``)."""
 
 _SAM_KEYS = ("rho", "adaptive", "eta", "perturb_eps")
 _DAVDA54_STATE = ("old_p", "e_w")  # what davda54/sam and pytorch_optimizer leave in ``state`` between steps
@@ -48,8 +51,11 @@ class SAM(Optimizer):
         params: Parameters or parameter groups; a group may set its own ``rho``,
             ``adaptive``, ``eta`` and ``perturb_eps``.
         base_optimizer: The optimizer class (not an instance) to step with, e.g.
-            ``torch.optim.SGD``; it is built on the same parameter groups. Optimizers
-            whose ``step`` needs a closure (``LBFGS``) cannot be wrapped.
+            ``torch.optim.SGD``, built on the same parameter groups with ``**base_kwargs``;
+            or a callable that builds one from them, such as
+            ``functools.partial(torch.optim.SGD, lr=0.1)`` (what LightningCLI passes for
+            ``--optimizer.base_optimizer=torch.optim.SGD --optimizer.base_optimizer.lr=0.1``).
+            Optimizers whose ``step`` needs a closure (``LBFGS``) cannot be wrapped.
         rho: Radius of the ascent step (``>= 0``; 0 gives the base optimizer exactly).
         adaptive: Use ASAM's scale-invariant perturbation.
         eta: ASAM's offset in ``|w| + eta`` (``>= 0``). ASAM's recipe is
@@ -69,7 +75,8 @@ class SAM(Optimizer):
         start: The first step with an ascent (late-phase SAM, Zhou et al. 2024): a step
             number, or a fraction in ``[0, 1)`` of ``total_steps``.
         total_steps: The training's length in optimizer steps, for a fractional ``start``
-            (``SAMMixin`` sets it from the Trainer's ``estimated_stepping_batches``).
+            (``SAMMixin`` sets it at the first batch, from the fit as Lightning runs it:
+            [`planned_steps`][lightning_sam.mixin.planned_steps]).
         policy: The variant's choices; None is SAM's (the variants' classes pass theirs).
         **base_kwargs: Arguments of the base optimizer (``lr``, ``momentum`` ...).
 
@@ -92,7 +99,7 @@ class SAM(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer],
+        base_optimizer: BaseOptimizer,
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.0,
@@ -117,6 +124,7 @@ class SAM(Optimizer):
         self.process_group = process_group
         super().__init__(params, {**sam_defaults, **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        _validate_base(type(self.base_optimizer), built=True)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
@@ -391,11 +399,19 @@ def _run(closure: Callable[[], Any]) -> Any:
         return closure()
 
 
-def _validate_base(base_optimizer: Any) -> None:
-    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+def _validate_base(base_optimizer: Any, built: bool = False) -> None:
+    """Refuse what cannot be a base optimizer: before building it (``built=False``), and the class of what was built."""
+    if not built and (isinstance(base_optimizer, Optimizer) or not callable(base_optimizer)):
         raise ValueError(
             f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {base_optimizer!r}. "
             "Pass the class itself and its arguments as keywords: SAM(params, torch.optim.SGD, lr=0.1)."
+        )
+    if not isinstance(base_optimizer, type):
+        return  # a callable that builds one (functools.partial): what it builds is checked
+    if not issubclass(base_optimizer, Optimizer):
+        raise ValueError(
+            f"base_optimizer must build a torch.optim.Optimizer, got a {base_optimizer.__name__}. "
+            "Pass an optimizer class such as torch.optim.SGD (or a functools.partial of one)."
         )
     if issubclass(base_optimizer, SAM):
         raise ValueError("base_optimizer is itself a SAM optimizer: wrap the plain optimizer class instead.")

@@ -64,6 +64,8 @@ BAD_VALUES = [
     (["--epochs"], "--epochs", "expected one argument"),
     (["--epochz", "3"], "--epochz", "did you mean --epochs?"),
     (["--progress", "--quiet"], "--progress", "--quiet"),
+    (["--batch-size", "2000"], "--batch-size", "at most 1257"),
+    (["--batch-size", "700", "--strategy", "ddp", "--devices", "2"], "--batch-size", "628 per process"),
 ]
 
 

@@ -29,6 +29,8 @@ ALL_MODES = [
     "rho_zero",
     "monitor",
     "looksam",
+    "aliased_training_step",
+    "named_training_step",
     "plain_loop",  # last: it runs in the process group that the fits made
 ]
 
@@ -176,6 +178,17 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_bitwise(ddp_runs: Path) 
         assert all(torch.isfinite(p).all() for p in rank["trajectory"])
     for p0, p1 in zip(ranks[0]["trajectory"], ranks[1]["trajectory"], strict=True):
         assert torch.equal(p0, p1)
+
+
+def test_an_aliased_training_step_trains_like_a_named_one_and_the_ranks_agree(ddp_runs: Path) -> None:
+    """``training_step = _step``: the second pass must not re-enter SAM (on DDP its gradient was never all-reduced)."""
+    aliased, named = ranks_of(ddp_runs, "aliased_training_step"), ranks_of(ddp_runs, "named_training_step")
+    for rank_aliased, rank_named in zip(aliased, named, strict=True):
+        assert len(rank_aliased["trajectory"]) == 4
+        for a, b in zip(rank_aliased["trajectory"], rank_named["trajectory"], strict=True):
+            assert torch.equal(a, b)
+    for p0, p1 in zip(aliased[0]["trajectory"], aliased[1]["trajectory"], strict=True):
+        assert torch.equal(p0, p1), "the ranks agree"
 
 
 def test_rho_zero_is_the_automatic_ddp_fit_bitwise(ddp_runs: Path) -> None:

@@ -232,3 +232,10 @@ def test_the_figure_shows_each_methods_spectrum_at_the_end_of_training() -> None
         assert max(ax.lines[0].get_xdata()) > 40 > max(ax.lines[1].get_xdata()), "SGD's outlier, SAM without"
     finally:
         plt.close(fig)
+
+
+def test_the_cli_knows_the_size_of_the_training_split() -> None:
+    from lightning_sam._demo_cli import TRAIN_SAMPLES
+    from lightning_sam.demo import noisy_digits
+
+    assert len(noisy_digits(0.4, seed=0)[0]) == TRAIN_SAMPLES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -314,6 +315,10 @@ def _params() -> list[nn.Parameter]:
         (lambda: SAM([{"params": _params(), "rho": -1}], torch.optim.SGD, lr=0.1), "rho"),
         (lambda: SAM(_params(), torch.optim.SGD(_params(), lr=0.1), lr=0.1), "optimizer class"),  # type: ignore[arg-type]
         (lambda: SAM(_params(), "sgd", lr=0.1), "optimizer class"),  # type: ignore[arg-type]
+        (lambda: SAM(_params(), nn.Linear, lr=0.1), "must build a torch.optim.Optimizer"),
+        (lambda: SAM(_params(), lambda groups: None), "must build a torch.optim.Optimizer, got a NoneType"),
+        (lambda: SAM(_params(), functools.partial(torch.optim.LBFGS, lr=0.1)), r"LBFGS\.step needs a closure"),
+        (lambda: SAM(_params(), functools.partial(SAM, base_optimizer=torch.optim.SGD)), "itself a SAM"),
     ],
 )
 def test_bad_arguments_raise_value_error(build: Callable[[], SAM], match: str) -> None:
@@ -502,6 +507,25 @@ def test_complex_parameters_work_with_sam_and_are_refused_by_asam() -> None:
     torch.testing.assert_close(w.detach(), w0 + 0.1 * g / torch.linalg.vector_norm(g))
     opt.restore()
     assert torch.equal(w.detach(), w0)
+
+
+def test_a_base_optimizer_factory_trains_bitwise_like_the_class_with_its_keywords() -> None:
+    """``functools.partial(SGD, lr=...)``: what LightningCLI passes for ``--optimizer.base_optimizer.lr``."""
+    runs = []
+    for base, kwargs in [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+                         (functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9), {})]:  # fmt: skip
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        opt = SAM(model.parameters(), base, rho=0.05, **kwargs)
+        x, y = torch.randn(8, 4), torch.randn(8, 2)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.second_step()
+        runs.append((torch.cat([p.detach().flatten() for p in model.parameters()]), opt.param_groups[0]["lr"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 0.1
 
 
 def test_optimizers_that_need_a_closure_are_refused() -> None:
