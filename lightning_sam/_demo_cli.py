@@ -192,7 +192,7 @@ def parse_demo(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.measures = list(dict.fromkeys(args.measures))
     if args.out_dir.exists() and not args.out_dir.is_dir():
         parser.error(f"--out-dir got {str(args.out_dir)!r}, a file; give a directory (created if missing)")
-    per_process = TRAIN_SAMPLES // (args.devices if args.strategy == "ddp" else 1)
+    per_process = math.ceil(TRAIN_SAMPLES / args.devices)  # a process's share, as Lightning's DistributedSampler pads
     if args.batch_size > per_process:  # every epoch drops its ragged last batch: nothing would train
         where = f" ({per_process} per process with --devices {args.devices})" if per_process < TRAIN_SAMPLES else ""
         parser.error(

@@ -302,7 +302,7 @@ class SharpnessMonitor(Callback):
     ) -> None:
         self._batch = batch
         self._log_now = lightning_logs_this_batch(trainer)
-        self._batch_rng = rng_state() if self._log_now and "first_order" in self.measures else None
+        self._batch_rng = rng_state(pl_module) if self._log_now and "first_order" in self.measures else None
         if self.fixed_batch is None:
             self.fixed_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
             self.fixed_batches = _every_ranks(trainer, apply_to_collection(batch, Tensor, lambda t: t.detach().cpu()))
@@ -508,7 +508,7 @@ class SharpnessMonitor(Callback):
         """Eval mode, float32, grad on, on the fixed batch; modes and random state restored afterwards."""
         params: list[Tensor] = [p for p in pl_module.parameters() if p.requires_grad]
         modes = {m: m.training for m in pl_module.modules()}
-        rng = rng_state()
+        rng = rng_state(pl_module)
         generator = torch.Generator().manual_seed(0)
         generator.set_state(self.rng_state)
         pl_module.eval()
@@ -540,10 +540,10 @@ class SharpnessMonitor(Callback):
 
     def _replayed_loss(self, pl_module: pl.LightningModule) -> Tensor:
         """The loss on the batch just trained on, in its mode and with its training step's random numbers."""
-        now = rng_state()
+        now = rng_state(pl_module)
         try:
             if self._batch_rng is not None:
-                set_rng_state(self._batch_rng)  # dropout draws from torch's generators: replay the step's
+                set_rng_state(self._batch_rng)  # dropout and augmentations: replay the step's random numbers
             with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
                 return self._loss(pl_module, self._batch)
         finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -35,6 +34,9 @@ _REPLACED_SETTINGS = {
     "sam_gradient_clip_val": "Trainer(gradient_clip_val=...)",
     "sam_gradient_clip_algorithm": "Trainer(gradient_clip_algorithm=...)",
 }
+
+
+_HOOKS = ("training_step", "on_before_zero_grad", "backward", "configure_optimizers", "configure_callbacks")
 
 
 class SAMMixin:
@@ -119,6 +121,12 @@ class SAMMixin:
         "sam_second_pass",
         "_sam_module",
     ]
+    __jit_ignored_attributes__: ClassVar[list[str]] = [
+        "sam_stats",
+        "_sam_driver",
+        "_sam_in_second_pass",
+        *(f"_sam_inside_{hook}" for hook in _HOOKS),
+    ]
     sam_sync_ascent: bool | None = None
     sam_same_randomness: bool = True
     sam_nonfinite: Literal["skip", "raise"] = "skip"
@@ -142,23 +150,15 @@ class SAMMixin:
         return self  # type: ignore[return-value]
 
     def _sam_configure_callbacks(self, configure: Callable[[], Any]) -> Any:
-        """At the very start of ``fit``, before any process group or device is set up: check, and take over.
-
-        Refuses what SAM cannot do, and drives the hooks assigned on the instance
-        (LightningCLI's ``--optimizer`` sets ``configure_optimizers`` there).
-        """
-        module = self._sam_module
-        trainer = attached_trainer(module)
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            _check_settings(self, module)
-            _check_strategy(trainer.strategy)
-            _drive_instance_hooks(module)
+        """At the very start of ``fit``, before any process group or device is set up: check, and take over."""
+        _take_over(self, self._sam_module)
         return configure()
 
     def _sam_configure_optimizers(self, configure: Callable[[], Any]) -> Any:
         """Check what ``configure_optimizers`` returned and, in a fit, put its SAM under a `_LightningSAM`."""
-        output = configure()
         module = self._sam_module
+        _take_over(self, module)  # again: configure_callbacks may be one set on the instance
+        output = configure()
         trainer = attached_trainer(module)  # None when called outside a fit
         if trainer is None or output is None:  # None: Lightning fits without an optimizer (and says so); so do we
             return output
@@ -220,15 +220,21 @@ class _LightningSAM:
             bool(settings.sam_sync_ascent) or self.step.global_ascent
         ) and not optimizer.policy.pre_forward
         self.pending: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
+        schedule = optimizer.schedule  # late-phase SAM without its length: the fit it was planned for, when it was
+        self.length_of: tuple[Any, ...] | None = (
+            () if isinstance(schedule.start, float) and not schedule.total_steps else None
+        )
         self.paused_sync: DistributedDataParallel | None = None
 
     def first_pass(self, training_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Lightning's ``training_step`` call: the pass at ``w``, remembered for the second pass."""
         self._resume_sync()  # in case the last batch had no backward (SWA's BatchNorm epoch)
         self.pending = None
-        schedule = self.step.optimizer.schedule
-        if isinstance(schedule.start, float) and schedule.total_steps is None:  # late-phase SAM: now that the data
-            schedule.total_steps = planned_steps(self.module.trainer)  # is set up (and restored, on a resume)
+        if self.length_of is not None:  # late-phase SAM: its length, now that the data is set up (and restored)
+            trainer = self.module.trainer
+            fit = (trainer.max_steps, trainer.max_epochs, trainer.num_training_batches)
+            if fit != self.length_of:  # the first batch, or a tuner's trial (BatchSizeFinder) came before
+                self.step.optimizer.schedule.total_steps, self.length_of = planned_steps(trainer), fit
         self.step.begin()
         if not self.step.ascending:
             output = training_step(*args, **kwargs)
@@ -384,17 +390,35 @@ def _outermost(
     return wrap
 
 
+def _driver(module: Any) -> _LightningSAM | None:
+    """This fit's driver, or None in a fit without an optimizer; during training only.
+
+    Raises:
+        MisconfigurationException: The fit has a SAM that the mixin never saw configured.
+    """
+    driver: _LightningSAM | None = module.__dict__.get("_sam_driver")
+    optimizers = module.trainer.optimizers
+    if driver is not None and optimizers and driver.step.optimizer is optimizers[0]:
+        return driver
+    if optimizers and isinstance(optimizers[0], SAM):
+        raise MisconfigurationException(
+            "SAMMixin never saw this fit's configure_optimizers: configure_callbacks and configure_optimizers are "
+            "both set on the instance, so neither runs through the mixin. Define one of them in the class."
+        )
+    return None
+
+
 def _around_training_step(
     self: Any, training_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    driver: _LightningSAM | None = self.__dict__.get("_sam_driver")
-    if driver is None or not self.trainer.training:
+    driver = _driver(self) if self.trainer.training else None
+    if driver is None:
         return training_step(*args, **kwargs)
     return driver.first_pass(training_step, args, kwargs)
 
 
 def _around_backward(self: Any, backward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    driver: _LightningSAM | None = self.__dict__.get("_sam_driver")
+    driver = _driver(self)
     if driver is None:
         return backward(*args, **kwargs)
     loss, *rest = args
@@ -402,8 +426,8 @@ def _around_backward(self: Any, backward: Callable[..., Any], args: tuple[Any, .
 
 
 def _around_zero_grad(self: Any, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    driver: _LightningSAM | None = self.__dict__.get("_sam_driver")
-    if driver is not None and self.trainer.training:
+    driver = _driver(self) if self.trainer.training else None
+    if driver is not None:
         driver.window_starts()
     return hook(*args, **kwargs)
 
@@ -418,13 +442,45 @@ _AROUND: dict[str, Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str,
 _WRAPPERS = {name: _outermost(name, around) for name, around in _AROUND.items()}
 
 
-def _drive_instance_hooks(module: Any) -> None:
-    """A hook assigned on the instance (``module.training_step = f``) runs through the mixin as a method does."""
-    for name, wrap in _WRAPPERS.items():
+class _InstanceHook:
+    """A hook assigned on the instance (``module.training_step = f``), run through the mixin as a method is.
+
+    It holds its module and the hook (no closure), so it pickles and deep-copies with the
+    module, and Lightning's introspection (signature, ``is_overridden``) sees through it to
+    what it would see of the hook itself (``__wrapped__``).
+    """
+
+    def __init__(self, module: Any, name: str, hook: Callable[..., Any]) -> None:
+        self.module, self.name, self.hook = module, name, hook
+        self.__wrapped__ = getattr(hook, "__wrapped__", hook)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _INSTANCE_WRAPPERS[self.name](self.module, *args, **kwargs)
+
+
+def _instance_hook(name: str) -> Callable[..., Any]:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.__dict__[name].hook(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+_INSTANCE_WRAPPERS = {name: _outermost(name, around)(_instance_hook(name)) for name, around in _AROUND.items()}
+
+
+def _take_over(settings: SAMMixin, module: Any) -> None:
+    """At the start of a fit: refuse what SAM cannot do, forget the last fit, drive the instance's hooks."""
+    trainer = attached_trainer(module)
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return
+    _check_settings(settings, module)
+    _check_strategy(trainer.strategy)
+    module.__dict__.pop("_sam_driver", None)
+    for name in _AROUND:
         hook = module.__dict__.get(name)
-        if hook is not None and callable(hook) and not getattr(hook, "_sam_wrapped", False):
-            wrapped = wrap(lambda self, *args, hook=hook, **kwargs: hook(*args, **kwargs))
-            module.__dict__[name] = types.MethodType(wrapped, module)
+        if callable(hook) and not isinstance(hook, _InstanceHook):
+            module.__dict__[name] = _InstanceHook(module, name, hook)
 
 
 def _inherited(name: str) -> Callable[..., Any]:
@@ -445,9 +501,12 @@ def planned_steps(trainer: pl.Trainer) -> int:
     """The fit's length in optimizer steps as Lightning will run it (for a fractional ``start``).
 
     Every epoch's batches over that epoch's accumulation (``GradientAccumulationScheduler``
-    changes it), bounded by ``max_steps``. Read at the first batch, when the data is set
-    up, never before (reading it earlier makes Lightning set up the data before a
-    mid-epoch resume restores it).
+    changes it), bounded by ``max_steps``; every epoch is taken to be as long as the
+    current one (with ``reload_dataloaders_every_n_epochs`` and loaders of changing length,
+    pass ``total_steps``). The mixin reads it at the first batch, when the data is set up,
+    never before (reading it earlier makes Lightning set up the data before a mid-epoch
+    resume restores it), and again when the fit's shape changes (a tuner's trial runs
+    first: ``BatchSizeFinder``, ``LearningRateFinder``).
 
     Raises:
         MisconfigurationException: The length is not known (iterable data without a length,

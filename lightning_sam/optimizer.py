@@ -133,7 +133,8 @@ class SAM(Optimizer):
 
     # Pickling, deepcopy and torch.save: the base optimizer and the policy travel, the open step does not.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "protocol": None, "process_group": None}  # a process group does not pickle
+        state = {k: v for k, v in self.__dict__.items() if k != "step"}  # an LR scheduler's counting wrapper: as
+        return {**state, "protocol": None, "process_group": None}  # torch's optimizers; a process group does not pickle
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by torch's load_state_dict with the new state and groups only

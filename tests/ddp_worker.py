@@ -6,6 +6,7 @@ test needs to OUT_DIR/MODE/rank{R}.pt.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -76,6 +77,24 @@ class AliasedStep(SAMNet):
 
     training_step = _step
     validation_step = _step
+
+
+def _undecorated(method: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:  # no functools.wraps: its name is "wrapper"
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedStep(AliasedStep):
+    training_step = _undecorated(AliasedStep._step)
+
+
+class PartialStep(AliasedStep):
+    def _staged(self, batch: Any, batch_idx: int, stage: str) -> Any:
+        return self._step(batch, batch_idx)
+
+    training_step = functools.partialmethod(_staged, stage="train")  # type: ignore[assignment]
 
 
 class RecordingMonitor(SharpnessMonitor):
@@ -153,6 +172,8 @@ def run(mode: str, out_dir: Path) -> None:
         "rho_zero": (SAMNet, "ddp"),
         "looksam": (LookSAMNet, "ddp"),
         "aliased_training_step": (AliasedStep, "ddp"),
+        "decorated_training_step": (DecoratedStep, "ddp"),
+        "partial_training_step": (PartialStep, "ddp"),
         "named_training_step": (SAMNet, "ddp"),
     }
     module_cls, strategy = modules.get(mode, (SAMNet, "ddp"))

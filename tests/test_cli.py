@@ -65,7 +65,8 @@ BAD_VALUES = [
     (["--epochz", "3"], "--epochz", "did you mean --epochs?"),
     (["--progress", "--quiet"], "--progress", "--quiet"),
     (["--batch-size", "2000"], "--batch-size", "at most 1257"),
-    (["--batch-size", "700", "--strategy", "ddp", "--devices", "2"], "--batch-size", "628 per process"),
+    (["--batch-size", "700", "--strategy", "ddp", "--devices", "2"], "--batch-size", "629 per process"),
+    (["--batch-size", "630", "--devices", "2"], "--batch-size", "629 per process"),  # auto: one process per device
 ]
 
 
@@ -134,8 +135,8 @@ def test_a_logger_without_its_package_names_the_extra(logger: str) -> None:
 
 def test_a_setting_lightning_rejects_is_one_line_too() -> None:
     """What only Lightning can check (is there a GPU?) still ends in one line and exit code 2."""
-    done = cli("demo", "--accelerator", "gpu", "--devices", "64", "--logger", "none", "--methods", "sgd", timeout=300)
-    assert_one_line_error(done, "--accelerator/--devices", "gpu, 64")
+    done = cli("demo", "--accelerator", "gpu", "--devices", "8", "--logger", "none", "--methods", "sgd", timeout=300)
+    assert_one_line_error(done, "--accelerator/--devices", "gpu, 8")
 
 
 # The extras ------------------------------------------------------------------------------------------------------

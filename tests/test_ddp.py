@@ -30,6 +30,8 @@ ALL_MODES = [
     "monitor",
     "looksam",
     "aliased_training_step",
+    "decorated_training_step",
+    "partial_training_step",
     "named_training_step",
     "plain_loop",  # last: it runs in the process group that the fits made
 ]
@@ -180,9 +182,10 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_bitwise(ddp_runs: Path) 
         assert torch.equal(p0, p1)
 
 
-def test_an_aliased_training_step_trains_like_a_named_one_and_the_ranks_agree(ddp_runs: Path) -> None:
+@pytest.mark.parametrize("mode", ["aliased_training_step", "decorated_training_step", "partial_training_step"])
+def test_an_aliased_training_step_trains_like_a_named_one_and_the_ranks_agree(ddp_runs: Path, mode: str) -> None:
     """``training_step = _step``: the second pass must not re-enter SAM (on DDP its gradient was never all-reduced)."""
-    aliased, named = ranks_of(ddp_runs, "aliased_training_step"), ranks_of(ddp_runs, "named_training_step")
+    aliased, named = ranks_of(ddp_runs, mode), ranks_of(ddp_runs, "named_training_step")
     for rank_aliased, rank_named in zip(aliased, named, strict=True):
         assert len(rank_aliased["trajectory"]) == 4
         for a, b in zip(rank_aliased["trajectory"], rank_named["trajectory"], strict=True):

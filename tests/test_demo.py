@@ -239,3 +239,9 @@ def test_the_cli_knows_the_size_of_the_training_split() -> None:
     from lightning_sam.demo import noisy_digits
 
     assert len(noisy_digits(0.4, seed=0)[0]) == TRAIN_SAMPLES
+
+
+def test_the_largest_batch_each_process_can_fill_is_accepted() -> None:
+    """1257 samples over two processes: Lightning's DistributedSampler pads each rank's share to 629."""
+    assert parse_demo(["--batch-size", "1257"]).batch_size == 1257
+    assert parse_demo(["--batch-size", "629", "--strategy", "ddp", "--devices", "2"]).batch_size == 629

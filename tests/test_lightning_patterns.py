@@ -136,16 +136,78 @@ def test_configure_optimizers_assigned_on_the_instance_is_checked_and_driven() -
 def test_a_backward_assigned_on_the_instance_is_driven_like_a_method() -> None:
     torch.manual_seed(0)
     module = SAMNet()
-    seen: list[bool] = []
+    at_w: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
 
     def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        seen.append(module.sam_second_pass)
+        seen.append(flat_params(module).clone())
         loss.backward(*args, **kwargs)
 
     module.backward = backward  # type: ignore[method-assign]
+    module.on_train_batch_start = lambda *args: at_w.append(flat_params(module).clone())  # type: ignore[method-assign]
     trainer().fit(module, loader())
-    assert len(seen) == 8, "once per batch: for the loss at w + e"
+    assert len(seen) == len(at_w) == 8, "once per batch: for the loss at w + e"
+    assert all(not torch.equal(w, w_e) for w, w_e in zip(at_w, seen, strict=True)), "at w + e, as documented"
     torch.testing.assert_close(flat_params(module), reference_sam(), rtol=0, atol=1e-5)
+
+
+def step_of(module: nn.Module, batch: Any, batch_idx: int) -> Any:
+    x, y = batch
+    return nn.functional.cross_entropy(module(x), y)
+
+
+def test_a_module_with_an_instance_hook_pickles_and_copies_after_a_fit_as_the_plain_module_does(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    module = SAMNet()
+    module.training_step = functools.partial(step_of, module)  # type: ignore[method-assign]
+    trainer().fit(module, loader())
+    torch.save(module, tmp_path / "module.pt")
+    loaded = torch.load(tmp_path / "module.pt", weights_only=False)
+    assert torch.equal(flat_params(loaded), flat_params(module))
+
+    copy, before = __import__("copy").deepcopy(module), flat_params(module).clone()
+    trainer().fit(copy, loader())  # the copy trains its own weights, through its own hook
+    assert torch.equal(flat_params(module), before) and not torch.equal(flat_params(copy), before)
+
+
+def test_an_instance_hook_keeps_its_own_signature() -> None:
+    """Lightning passes ``batch_idx`` only to a step that takes it."""
+    torch.manual_seed(0)
+    module = SAMNet()
+    calls: list[bool] = []
+
+    def training_step(batch: Any) -> Any:
+        calls.append(module.sam_second_pass)
+        return step_of(module, batch, 0)
+
+    module.training_step = training_step  # type: ignore[method-assign]
+    trainer().fit(module, loader())
+    assert calls == [False, True] * 8
+
+
+@pytest.mark.filterwarnings("ignore:SAM found no parameter with a gradient")  # Lightning's step(closure) comes first
+def test_an_instance_configure_callbacks_does_not_turn_sam_off() -> None:
+    torch.manual_seed(0)
+    module = SAMNet()
+    calls: list[bool] = []
+
+    def training_step(batch: Any, batch_idx: int) -> Any:
+        calls.append(module.sam_second_pass)
+        return step_of(module, batch, batch_idx)
+
+    module.training_step = training_step  # type: ignore[method-assign]
+    module.configure_callbacks = lambda: []  # type: ignore[method-assign]
+    trainer().fit(module, loader())
+    assert calls == [False, True] * 8
+    torch.testing.assert_close(flat_params(module), reference_sam(), rtol=0, atol=1e-5)
+
+    both = SAMNet()
+    both.configure_callbacks = lambda: []  # type: ignore[method-assign]
+    both.configure_optimizers = lambda: SAM(both.parameters(), torch.optim.SGD, lr=0.1)  # type: ignore[method-assign]
+    with pytest.raises(MisconfigurationException, match="both set on the instance"):
+        trainer().fit(both, loader())
 
 
 def test_configure_optimizers_returning_none_fits_without_an_optimizer_as_lightning_does() -> None:
@@ -160,6 +222,15 @@ def test_configure_optimizers_returning_none_fits_without_an_optimizer_as_lightn
         trainer().fit(module, loader())
     assert torch.equal(flat_params(module), before)
 
+    torch.manual_seed(0)
+    again = Named()  # a SAM fit first, then one without an optimizer: nothing of the first fit drives the second
+    trainer().fit(again, loader())
+    again.configure_optimizers = lambda: None  # type: ignore[method-assign]
+    again.calls, before = 0, flat_params(again).clone()
+    with pytest.warns(UserWarning, match="no optimizer"):
+        trainer().fit(again, loader())
+    assert again.calls == 8 and torch.equal(flat_params(again), before)
+
 
 @pytest.mark.filterwarnings("ignore:.*(to_torchscript|torch.jit.script).* deprecated")
 def test_a_sammixin_module_scripts_with_torchscript_as_the_plain_module_does() -> None:
@@ -168,6 +239,8 @@ def test_a_sammixin_module_scripts_with_torchscript_as_the_plain_module_does() -
     scripted = module.to_torchscript()  # deprecated by Lightning and torch alike, for any module
     x = torch.randn(4, 6)
     assert torch.equal(scripted(x), module(x))
+    trainer().fit(module, loader())  # after a fit too (sam_stats and the driver are attributes then)
+    assert torch.equal(module.to_torchscript()(x), module(x))
 
 
 # LightningCLI's --optimizer ------------------------------------------------------------------------------------------
@@ -297,6 +370,28 @@ def test_late_phase_sam_follows_the_real_length_under_an_accumulation_schedule()
     assert opt.schedule.first() == 6, "SAM from the 7th of the 12 steps really taken"
 
 
+class TunedLatePhase(LatePhase):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 8
+
+    def train_dataloader(self) -> Any:
+        return loader(batch_size=self.batch_size)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_late_phase_sam_plans_the_real_fit_not_a_tuners_trial() -> None:
+    """BatchSizeFinder's trials run inside the fit, on the same SAM, with their own max_steps."""
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    torch.manual_seed(0)
+    module = TunedLatePhase()
+    fit = trainer(max_epochs=4, callbacks=[BatchSizeFinder(steps_per_trial=2, max_trials=2, init_val=4)])
+    fit.fit(module)
+    opt = fit.optimizers[0]
+    assert opt.total_steps == planned_steps(fit) == 4 * len(loader(batch_size=module.batch_size))
+
+
 def test_the_planned_length_is_lightnings_estimate_without_a_schedule() -> None:
     torch.manual_seed(0)
     fit = trainer(max_epochs=3, accumulate_grad_batches=3)
@@ -314,7 +409,10 @@ class Mixup(SAMNet):
     def __init__(self) -> None:
         super().__init__()
         self.noise = torch.Generator().manual_seed(7)
-        self.draws: list[tuple[bool, float, list[int], float, float]] = []
+        self.draws: list[tuple[bool, float, list[int], float, float, float]] = []
+
+    def on_train_start(self) -> None:  # one made late, on a submodule
+        self.net[0].late = torch.Generator().manual_seed(3)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         x, y = batch
@@ -322,7 +420,8 @@ class Mixup(SAMNet):
         perm = torch.randperm(len(x))
         coin = random.random()
         jitter = float(torch.randn((), generator=self.noise))
-        self.draws.append((self.sam_second_pass, lam, perm.tolist(), coin, jitter))
+        late = float(torch.rand((), generator=self.net[0].late))
+        self.draws.append((self.sam_second_pass, lam, perm.tolist(), coin, jitter, late))
         mixed = lam * x + (1 - lam) * x[perm] + 0.01 * jitter
         out = self(mixed)
         return lam * nn.functional.cross_entropy(out, y) + (1 - lam) * nn.functional.cross_entropy(out, y[perm])
@@ -344,7 +443,12 @@ def test_both_passes_draw_the_same_numbers_from_every_source_and_each_advances_o
     assert len(firsts) == len(seconds) == 8
     assert firsts == seconds, "the second pass replays every stream"
     assert len({d[0] for d in firsts}) == 8, "and each batch draws anew"
-    after = (np.random.get_state()[1].copy(), random.getstate(), module.noise.get_state())  # noqa: NPY002
+    after = (
+        np.random.get_state()[1].copy(),  # noqa: NPY002
+        random.getstate(),
+        module.noise.get_state(),
+        module.net[0].late.get_state(),
+    )
 
     seed_all()  # the same draws, once per batch, without SAM
     plain = Mixup()
@@ -354,6 +458,7 @@ def test_both_passes_draw_the_same_numbers_from_every_source_and_each_advances_o
     assert np.array_equal(after[0], np.random.get_state()[1])  # noqa: NPY002
     assert after[1] == random.getstate()
     assert torch.equal(after[2], plain.noise.get_state())
+    assert torch.equal(after[3], plain.net[0].late.get_state())
     assert [d[1:] for d in plain.draws] == firsts, "the first pass draws what the same run without SAM draws"
 
 
@@ -364,8 +469,33 @@ class _WithoutMixin(pl.LightningModule):
         super().__init__()
         self.inner = inner
 
+    def on_train_start(self) -> None:
+        self.inner.on_train_start()
+
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         return Mixup.training_step.__wrapped__(self.inner, batch, batch_idx)  # type: ignore[attr-defined]
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.inner.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_the_sharpness_monitor_leaves_every_random_stream_as_it_found_it(tmp_path: Path) -> None:
+    """Its measures run the training step on a fixed batch: no stream the training draws from may move."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_sam import SharpnessMonitor
+
+    runs = []
+    for monitored in (False, True):
+        seed_all()
+        module = Mixup()
+        measures = ["first_order", "hessian_max_eig"]
+        callbacks = [SharpnessMonitor(measures=measures, every_n_steps=2)] if monitored else []
+        trainer(callbacks=callbacks, logger=CSVLogger(tmp_path), log_every_n_steps=2).fit(module, loader())
+        assert not monitored or callbacks[0].last_values, "it measured"
+        streams = (np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state())  # noqa: NPY002
+        runs.append((*streams, module.noise.get_state(), module.net[0].late.get_state(), flat_params(module)))
+    (numpy, python, *tensors), (numpy_m, python_m, *tensors_m) = runs
+    assert np.array_equal(numpy, numpy_m) and python == python_m
+    assert all(torch.equal(a, b) for a, b in zip(tensors, tensors_m, strict=True)), "torch's, the module's, weights"

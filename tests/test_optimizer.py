@@ -528,6 +528,16 @@ def test_a_base_optimizer_factory_trains_bitwise_like_the_class_with_its_keyword
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 0.1
 
 
+def test_sam_with_an_lr_scheduler_pickles_as_torchs_optimizers_do() -> None:
+    """The scheduler wraps ``optimizer.step`` on the instance (Lightning pickles trainers and callbacks)."""
+    import pickle
+
+    opt = SAM(_params(), torch.optim.SGD, lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    copy_ = pickle.loads(pickle.dumps(opt))
+    assert copy_.param_groups[0]["lr"] == 0.1 and type(copy_.base_optimizer) is torch.optim.SGD
+
+
 def test_optimizers_that_need_a_closure_are_refused() -> None:
     with pytest.raises(ValueError, match=r"LBFGS\.step needs a closure"):
         SAM(_params(), torch.optim.LBFGS, lr=0.1)

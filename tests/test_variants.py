@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -379,6 +380,7 @@ def test_state_dict_resumes_each_variant_bitwise(case: str) -> None:
         (lambda p: FriendlySAM(p, torch.optim.SGD, lmbda=1.5, lr=0.1), "lmbda"),
         (lambda p: FriendlySAM(p, torch.optim.SGD, sigma=True, lr=0.1), "sigma"),
         (lambda p: MSAM(p, torch.optim.SGD, lr=0.1), "momentum > 0"),
+        (lambda p: MSAM(p, functools.partial(torch.optim.SGD, lr=0.1)), "momentum > 0"),
     ],
 )
 def test_bad_arguments_raise_value_error(build: Callable[[Any], SAM], match: str) -> None:
