@@ -41,10 +41,11 @@ class RngState:
     generators: tuple[tuple[torch.Generator, Tensor], ...]  # generators of the model's own
 
 
-def rng_state(module: nn.Module | None = None) -> RngState:
-    """Torch's CPU generator, every CUDA device's, Python's ``random``, numpy's global one, and ``module``'s own.
+def rng_state(generators: Sequence[torch.Generator] = ()) -> RngState:
+    """Torch's CPU generator, every CUDA device's, Python's ``random``, numpy's global one, and ``generators``.
 
-    The module's generators are looked up now (one created or replaced during training counts).
+    ``generators`` are the model's own ([`generators_of`][lightning_sam._restore.generators_of]
+    finds them; looking for them walks every submodule, too slow for every step of a large model).
     """
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
     numpy = sys.modules.get("numpy")  # a loop that never imported numpy draws nothing from it
@@ -53,7 +54,7 @@ def rng_state(module: nn.Module | None = None) -> RngState:
         cuda,
         random.getstate(),
         numpy.random.get_state() if numpy is not None else None,
-        tuple((g, g.get_state()) for g in generators_of(module)),
+        tuple((g, g.get_state()) for g in generators),
     )
 
 

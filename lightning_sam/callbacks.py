@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning_sam import sharpness
 from lightning_sam._compat import lightning_logging_step, lightning_logs_this_batch
 from lightning_sam._observe import loss_in, observing
-from lightning_sam._restore import rng_state, set_rng_state
+from lightning_sam._restore import generators_of, rng_state, set_rng_state
 from lightning_sam.figures import density_curve, save_spectrum_figure
 from lightning_sam.hessian import HVP_BACKENDS, HVPFallbackWarning, Spectrum
 from lightning_sam.measures import MEASURES, PER_MODULE_MEASURES, FixedBatch, NotThisStep, TrainingStep, Unavailable
@@ -302,7 +302,9 @@ class SharpnessMonitor(Callback):
     ) -> None:
         self._batch = batch
         self._log_now = lightning_logs_this_batch(trainer)
-        self._batch_rng = rng_state(pl_module) if self._log_now and "first_order" in self.measures else None
+        self._batch_rng = (
+            rng_state(generators_of(pl_module)) if self._log_now and "first_order" in self.measures else None
+        )
         if self.fixed_batch is None:
             self.fixed_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
             self.fixed_batches = _every_ranks(trainer, apply_to_collection(batch, Tensor, lambda t: t.detach().cpu()))
@@ -508,7 +510,7 @@ class SharpnessMonitor(Callback):
         """Eval mode, float32, grad on, on the fixed batch; modes and random state restored afterwards."""
         params: list[Tensor] = [p for p in pl_module.parameters() if p.requires_grad]
         modes = {m: m.training for m in pl_module.modules()}
-        rng = rng_state(pl_module)
+        rng = rng_state(generators_of(pl_module))
         generator = torch.Generator().manual_seed(0)
         generator.set_state(self.rng_state)
         pl_module.eval()
@@ -540,7 +542,7 @@ class SharpnessMonitor(Callback):
 
     def _replayed_loss(self, pl_module: pl.LightningModule) -> Tensor:
         """The loss on the batch just trained on, in its mode and with its training step's random numbers."""
-        now = rng_state(pl_module)
+        now = rng_state(generators_of(pl_module))
         try:
             if self._batch_rng is not None:
                 set_rng_state(self._batch_rng)  # dropout and augmentations: replay the step's random numbers

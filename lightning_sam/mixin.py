@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_sam._compat import attached_trainer, lightning_steps_after_this_batch, optimizers_in
 from lightning_sam._observe import loss_in, observing
+from lightning_sam._restore import generators_of
 from lightning_sam.optimizer import SAM
 from lightning_sam.step import SAMStep
 
@@ -225,6 +226,7 @@ class _LightningSAM:
             () if isinstance(schedule.start, float) and not schedule.total_steps else None
         )
         self.paused_sync: DistributedDataParallel | None = None
+        self.generators_of_epoch = -1  # the epoch whose first batch looked for the module's generators
 
     def first_pass(self, training_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Lightning's ``training_step`` call: the pass at ``w``, remembered for the second pass."""
@@ -235,6 +237,8 @@ class _LightningSAM:
             fit = (trainer.max_steps, trainer.max_epochs, trainer.num_training_batches)
             if fit != self.length_of:  # the first batch, or a tuner's trial (BatchSizeFinder) came before
                 self.step.optimizer.schedule.total_steps, self.length_of = planned_steps(trainer), fit
+        if self.generators_of_epoch != (epoch := self.module.trainer.current_epoch):  # one made in on_train_start,
+            self.step.generators, self.generators_of_epoch = generators_of(self.module), epoch  # or each epoch
         self.step.begin()
         if not self.step.ascending:
             output = training_step(*args, **kwargs)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lightning_sam._restore import BatchNormSnapshot, RngState, rng_state, set_rng_state
+from lightning_sam._restore import BatchNormSnapshot, RngState, generators_of, rng_state, set_rng_state
 from lightning_sam.optimizer import SAM
 from lightning_sam.policy import StepContext
 
@@ -76,7 +76,8 @@ class SAMStep:
             pass's gradient (``needs_global_ascent``: LookSAM, GSAM, FriendlySAM).
         same_randomness: Replay the first pass's random state in the second: torch's,
             Python's ``random``, numpy's global generator and every ``torch.Generator``
-            attribute of ``module`` and its submodules (looked up at each step); each
+            attribute of ``module`` and its submodules (``self.generators``, looked up when
+            this object is made; ``SAMMixin`` looks again at each epoch's first batch); each
             advances once per micro-batch, as without SAM.
         nonfinite: What ``optimizer.step()`` does with a non-finite gradient: ``"skip"``
             with a ``RuntimeWarning``, or ``"raise"`` ``FloatingPointError``.
@@ -133,6 +134,7 @@ class SAMStep:
         self.stats: dict[str, Tensor] = {}
         self._ascending = False
         self._rng_before: RngState | None = None
+        self.generators = generators_of(module)  # the model's own, replayed with torch's, Python's and numpy's
         self._batchnorm: BatchNormSnapshot | None = None
 
     @property
@@ -194,7 +196,7 @@ class SAMStep:
         otherwise a fresh one begins.
         """
         self._ascending = self.optimizer.protocol.open(grad_scale=self.grad_scale(), nonfinite=self.nonfinite).ascending
-        self._rng_before = rng_state(self.module) if self._ascending and self.same_randomness else None
+        self._rng_before = rng_state(self.generators) if self._ascending and self.same_randomness else None
 
     def end_one_pass(self) -> None:
         """After a one-pass micro-batch's backward: it joins the step."""
@@ -250,7 +252,7 @@ class SAMStep:
         """
         rng_after = None
         try:
-            rng_after = rng_state(self.module) if self._rng_before is not None else None
+            rng_after = rng_state(self.generators) if self._rng_before is not None else None
             self._batchnorm = BatchNormSnapshot(self.module)
             if self._rng_before is not None:
                 set_rng_state(self._rng_before)

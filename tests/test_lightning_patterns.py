@@ -100,9 +100,8 @@ def test_an_aliased_decorated_or_partial_training_step_trains_bitwise_like_a_nam
 # Hooks assigned on the instance --------------------------------------------------------------------------------------
 
 
-def test_a_training_step_assigned_on_the_instance_is_driven_like_a_method() -> None:
-    torch.manual_seed(0)
-    module = SAMNet()
+def recording_instance_step(module: SAMNet) -> list[bool]:
+    """Assign a training step on the instance that records, per call, whether it is the second pass."""
     passes: list[bool] = []
 
     def training_step(batch: Any, batch_idx: int) -> Any:
@@ -111,6 +110,13 @@ def test_a_training_step_assigned_on_the_instance_is_driven_like_a_method() -> N
         return nn.functional.cross_entropy(module(x), y)
 
     module.training_step = training_step  # type: ignore[method-assign]
+    return passes
+
+
+def test_a_training_step_assigned_on_the_instance_is_driven_like_a_method() -> None:
+    torch.manual_seed(0)
+    module = SAMNet()
+    passes = recording_instance_step(module)
     trainer().fit(module, loader())
     assert passes == [False, True] * 8
     torch.testing.assert_close(flat_params(module), reference_sam(), rtol=0, atol=1e-5)
@@ -191,13 +197,7 @@ def test_an_instance_hook_keeps_its_own_signature() -> None:
 def test_an_instance_configure_callbacks_does_not_turn_sam_off() -> None:
     torch.manual_seed(0)
     module = SAMNet()
-    calls: list[bool] = []
-
-    def training_step(batch: Any, batch_idx: int) -> Any:
-        calls.append(module.sam_second_pass)
-        return step_of(module, batch, batch_idx)
-
-    module.training_step = training_step  # type: ignore[method-assign]
+    calls = recording_instance_step(module)
     module.configure_callbacks = lambda: []  # type: ignore[method-assign]
     trainer().fit(module, loader())
     assert calls == [False, True] * 8
