@@ -17,7 +17,16 @@ time at <= 1% error); and the trace: PyHessian's `trace()` with its defaults (Hu
 until the running mean settles) against Hutch++ with the fewest products that reach the
 same RMS error over 10 seeds (target: fewer products).
 
-    python benchmarks/bench_monitor.py [--part overhead|pyhessian|all] [--rounds 6] [--epochs 40]
+Part ``measures``: each measure's cost per call, in forward+backward passes of the training
+batch (timed in the same process), for the demo's digits MLP (SGD) and a small
+``nn.TransformerEncoder`` classifier (AdamW, random tokens), each measure alone in a short
+fit (``every_n_steps=5``, ``log_every_n_steps=5``): the time inside the monitor's hooks over
+the calls made. From it, the share of a fit at Lightning's defaults (per-step measures on
+every 50th step, ``log_every_n_steps``; the others every 250th, ``every_n_steps``):
+``cost per call / (interval x step time)``. Targets: the default set at most 5%,
+``critical_sharpness`` at most 1%.
+
+    python benchmarks/bench_monitor.py [--part overhead|pyhessian|measures|all] [--rounds 6] [--epochs 40]
 """
 
 from __future__ import annotations
@@ -58,7 +67,15 @@ def _timed(name: str) -> Any:
     return timed
 
 
-for _hook in ("setup", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end", "on_train_end"):
+HOOKS = (
+    "setup",
+    "on_train_batch_start",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "on_train_end",
+)
+for _hook in HOOKS:
     setattr(TimedMonitor, _hook, _timed(_hook))
 
 
@@ -194,9 +211,139 @@ def against_pyhessian(starts: int = 10) -> None:
             break
 
 
+class TokenClassifier(pl.LightningModule):
+    """A 2-layer ``nn.TransformerEncoder`` (d_model 64, 4 heads) over 32 tokens, mean-pooled, AdamW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.embed = nn.Embedding(100, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, labels = batch
+        logits = self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def workloads() -> dict[str, tuple[type[pl.LightningModule], DataLoader[Any], list[str]]]:
+    from lightning_sam.measures import MEASURES
+
+    train_set, _ = noisy_digits(0.4, 0)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 100, (512, 32), generator=generator)
+    labels = tokens[:, :4].sum(dim=1) % 4
+    token_set = torch.utils.data.TensorDataset(tokens, labels)
+    every = [m for m in MEASURES if m not in ("sam_eos_ratio",)]
+    return {
+        "digits MLP (SGD)": (
+            DigitsMLP,
+            DataLoader(train_set, batch_size=32, shuffle=True),
+            [m for m in every if m != "preconditioned_max_eig"],
+        ),
+        "transformer (AdamW)": (TokenClassifier, DataLoader(token_set, batch_size=32, shuffle=True), every),
+    }
+
+
+def pass_seconds(module: pl.LightningModule, batch: Any, reps: int = 20) -> float:
+    """Median time of one forward+backward of ``training_step`` on ``batch``."""
+    times = []
+    for _ in range(reps + 3):
+        start = time.perf_counter()
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        times.append(time.perf_counter() - start)
+    module.zero_grad()
+    return statistics.median(times[3:])
+
+
+def measure_costs(steps: int = 40) -> None:
+    from lightning_sam.callbacks import DEFAULT_MEASURES
+    from lightning_sam.measures import MEASURES
+
+    print(f"each measure alone, {steps}-step fits, CPU, torch {torch.__version__}; 1 pass = forward+backward")
+    print()
+    print(
+        "| workload | measure | calls | per call (ms) | in passes | share of a fit at the defaults "
+        "(target: defaults <= 5%, critical_sharpness <= 1%) |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for name, (module_cls, data, names) in workloads().items():
+        pl.seed_everything(0, verbose=False)
+        module = module_cls()
+        batch = next(iter(data))
+        unit = pass_seconds(module, batch)
+        plain = pl.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        start = time.perf_counter()
+        plain.fit(module_cls(), data)
+        step_seconds = (time.perf_counter() - start) / steps
+        seconds_per_call(module_cls, data, 10, names)  # warm-up: first calls, lazy imports
+        for measured in [*names, "defaults"]:
+            chosen = list(DEFAULT_MEASURES) if measured == "defaults" else [measured]
+            per_call, calls = seconds_per_call(module_cls, data, steps, chosen)
+            if measured == "defaults":
+                per_step = [m for m in chosen if MEASURES[m].per_step]
+                # Per-step measures every 50 steps, the rest every 250: split the time by a fit of each part.
+                share = _share_of_defaults(module_cls, data, steps, chosen, per_step, step_seconds)
+            else:
+                interval = 50 if MEASURES[measured].per_step else 250
+                share = per_call / (interval * step_seconds)
+            print(f"| {name} | {measured} | {calls} | {1e3 * per_call:.1f} | {per_call / unit:.1f} | {share:.2%} |")
+
+
+def seconds_per_call(
+    module_cls: type[pl.LightningModule], data: DataLoader[Any], steps: int, measures: list[str]
+) -> tuple[float, int]:
+    """The time inside the monitor's hooks per logged round, in a fit measuring every 5 steps, and the rounds."""
+    pl.seed_everything(0, verbose=False)
+    TimedMonitor.spent = 0.0
+    monitor = TimedMonitor(measures=measures, every_n_steps=5)
+    fit = pl.Trainer(
+        max_steps=steps,
+        logger=CSVLogger(tempfile.mkdtemp()),
+        callbacks=[monitor],
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    fit.fit(module_cls(), data)
+    calls = len(monitor.history)
+    return TimedMonitor.spent / max(calls, 1), calls
+
+
+def _share_of_defaults(
+    module_cls: type[pl.LightningModule],
+    data: DataLoader[Any],
+    steps: int,
+    chosen: list[str],
+    per_step: list[str],
+    step_seconds: float,
+) -> float:
+    """The default set's share of a fit at Lightning's intervals, from one fit of its per-step and one of the rest."""
+    share = 0.0
+    for part, interval in ((per_step, 50), ([m for m in chosen if m not in per_step], 250)):
+        if part:
+            share += seconds_per_call(module_cls, data, steps, part)[0] / (interval * step_seconds)
+    return share
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["overhead", "pyhessian", "all"], default="all")
+    parser.add_argument("--part", choices=["overhead", "pyhessian", "measures", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=40)
     args = parser.parse_args()
@@ -205,7 +352,10 @@ def main() -> None:
     if args.part in ("pyhessian", "all"):
         against_pyhessian()
         print()
-    if args.part == "pyhessian":
+    if args.part in ("measures", "all"):
+        measure_costs()
+        print()
+    if args.part in ("pyhessian", "measures"):
         return
     configs = [(sam, mon) for sam in (False, True) for mon in (False, True)]
     samples: dict[tuple[bool, bool], list[float]] = {c: [] for c in configs}

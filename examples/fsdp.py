@@ -5,7 +5,9 @@
 Runs on the CPU with 2 processes (gloo). Each rank keeps half of every weight, half of its gradient and half of
 SAM's saved copy of the weights; the ascent uses the norm of the full gradient (every shard, every rank), so the
 run equals one process on the global batch. The example prints, on rank 0, the clean test accuracy on digits with
-40% noisy labels and the parameters each rank holds.
+40% noisy labels and the parameters each rank holds. The Lightning run also has a SharpnessMonitor: its Hessian
+curves (Lanczos over the sharded parameters, from FSDP2's own gradients) go to ``logs/`` (CSV), and the last values
+are printed.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import lightning as L
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
-from lightning_sam import SAM, SAMMixin, SAMStep
+from lightning_sam import SAM, SAMMixin, SAMStep, SharpnessMonitor
 from lightning_sam.demo import noisy_digits
 
 
@@ -69,12 +72,16 @@ def local_and_total(model: nn.Module) -> tuple[int, int]:
 def with_lightning(args: argparse.Namespace) -> None:
     train_set, test_set = noisy_digits(0.4, seed=0)
     strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    measures = ["first_order", "grad_norm", "hessian_max_eig", "hessian_trace", "eos_ratio", "sam_eos_ratio"]
+    monitor = SharpnessMonitor(measures=[*measures, "critical_sharpness"], every_n_steps=10)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
         strategy=strategy,
         max_epochs=args.epochs,
-        logger=False,
+        logger=CSVLogger("logs", name="fsdp"),
+        callbacks=[monitor],
+        log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -86,6 +93,7 @@ def with_lightning(args: argparse.Namespace) -> None:
     if trainer.is_global_zero:
         print(f"Lightning: clean test accuracy {float(trainer.callback_metrics['val_acc']):.1%}")
         print(f"rank 0 holds {local} of the {total} parameters (SAM's copy of the weights: those {local} too)")
+        print("sharpness at the end:", ", ".join(f"{k} {v:.4g}" for k, v in sorted(monitor.last_values.items())))
 
 
 def with_fabric(args: argparse.Namespace) -> None:

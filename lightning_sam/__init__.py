@@ -15,9 +15,21 @@ if TYPE_CHECKING:
     from lightning_sam.mixin import SAMMixin
     from lightning_sam.msam import MSAM
     from lightning_sam.optimizer import SAM
+    from lightning_sam.plots import LandscapePlot, SpectrumPlot
     from lightning_sam.step import SAMStep
 
-__all__ = ["GSAM", "MSAM", "SAM", "FriendlySAM", "LookSAM", "SAMMixin", "SAMStep", "SharpnessMonitor"]
+__all__ = [
+    "GSAM",
+    "MSAM",
+    "SAM",
+    "FriendlySAM",
+    "LandscapePlot",
+    "LookSAM",
+    "SAMMixin",
+    "SAMStep",
+    "SharpnessMonitor",
+    "SpectrumPlot",
+]
 __version__ = "0.1.0"
 
 # Imported on first use, so that `lightning-sam --help` and its errors answer without importing torch and Lightning.
@@ -25,6 +37,8 @@ _HOMES = {
     "SAMMixin": "mixin",
     "SAMStep": "step",
     "SharpnessMonitor": "callbacks",
+    "SpectrumPlot": "plots",
+    "LandscapePlot": "plots",
     **{m.optimizer: m.home for m in METHODS.values() if m.optimizer is not None and m.home is not None},
 }
 

@@ -8,6 +8,7 @@ is the only module to change.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "attached_trainer",
     "batchnorm_types",
     "default_foreach",
+    "fsdp2_sharded_params",
     "group_by_device_and_dtype",
     "is_view",
     "lightning_logging_step",
@@ -139,3 +141,43 @@ def optimizers_in(configured: Any) -> list[Any]:
     from lightning.pytorch.core.optimizer import _configure_optimizers
 
     return list(_configure_optimizers(configured)[0])
+
+
+def fsdp2_sharded_params(params: Sequence[Tensor]) -> list[Tensor]:
+    """Every sharded parameter of each FSDP2 tree that holds one of ``params``.
+
+    FSDP2 reduce-scatters gradients into its sharded parameters in backward hooks, so a
+    backward writes the ``.grad`` of parameters that are not in the graph, nor among
+    ``params``: those of every FSDP2 state of the tree (torch 2.13: the states in
+    ``torch.distributed._composable_state._module_state_mapping``, each with its
+    ``_fsdp_param_group.fsdp_params[i].sharded_param``, the tree's in ``_state_ctx.all_states``).
+    Found by attribute; nothing where the structure differs.
+
+    ``torch.distributed._composable_state._module_state_mapping``, ``FSDPState._fsdp_param_group``,
+    ``FSDPParam.sharded_param``, ``FSDPState._state_ctx.all_states``: torch 2.13.
+    """
+    from torch.distributed import _composable_state
+
+    mapping = getattr(_composable_state, "_module_state_mapping", None)
+    if mapping is None:
+        return []
+
+    def sharded_of(state: Any) -> list[Tensor]:
+        group = getattr(state, "_fsdp_param_group", None)
+        return [
+            t
+            for fsdp_param in getattr(group, "fsdp_params", ())
+            if isinstance(t := getattr(fsdp_param, "sharded_param", None), Tensor)
+        ]
+
+    ours = {id(p) for p in params}
+    found: dict[int, Tensor] = {}
+    for ref in list(mapping.values()):
+        state = ref() if callable(ref) else None
+        if not any(id(t) in ours for t in sharded_of(state)):
+            continue
+        tree = getattr(getattr(state, "_state_ctx", None), "all_states", None) or [state]
+        for other in tree:
+            for t in sharded_of(other):
+                found.setdefault(id(t), t)
+    return list(found.values())

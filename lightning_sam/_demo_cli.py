@@ -52,9 +52,11 @@ MEASURE_NAMES = (
     "hessian_top_eigs",
     "preconditioned_max_eig",
     "eos_ratio",
+    "sam_eos_ratio",
     "hessian_trace",
     "adaptive_avg",
     "adaptive_worst",
+    "critical_sharpness",
 )
 DEFAULT_MEASURES = ("first_order", "grad_norm", "hessian_max_eig", "eos_ratio")
 SEED_MAX = 2**32 - 1

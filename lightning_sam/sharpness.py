@@ -20,13 +20,16 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lightning_sam._restore import weights_kept
-from lightning_sam.functional import grad_norm_squared, perturb_, restore_
+from lightning_sam.functional import dot, grad_norm_squared, perturb_, restore_, sub_into_
 from lightning_sam.hessian import (
     HVP_BACKENDS,
     HessianOperator,
@@ -42,6 +45,7 @@ from lightning_sam.hessian import (
 
 __all__ = [
     "HVP_BACKENDS",
+    "CriticalSharpness",
     "HVPFallbackWarning",
     "HessianOperator",
     "Spectrum",
@@ -49,6 +53,7 @@ __all__ = [
     "TraceEstimate",
     "adaptive_sharpness_avg",
     "adaptive_sharpness_worst",
+    "critical_sharpness",
     "filter_normalized",
     "first_order_sharpness",
     "gradients",
@@ -278,3 +283,225 @@ def loss_along(loss_fn: LossFn, params: Sequence[Tensor], direction: Sequence[Te
                 p.copy_(w).add_(d, alpha=alpha)
             losses.append(loss_fn().detach())
         return torch.stack(losses)
+
+
+class CriticalSharpness(NamedTuple):
+    """The result of [`critical_sharpness`][lightning_sam.sharpness.critical_sharpness].
+
+    The critical step lies in ``(lower, upper]``: ``L(w − lower·u) ≤ L(w)`` was seen (or
+    ``lower == 0``) and ``L(w − upper·u) > L(w)`` (or ``upper == inf``).
+    """
+
+    value: Tensor
+    """``λ_c = 2 / eta`` (0-dim): ``inf`` when the loss rose at every step tried, ``0`` when at none."""
+    eta: Tensor
+    """``η_c``, the middle of ``(lower, upper]`` (0-dim): ``0`` or ``inf`` in those two cases."""
+    lower: float
+    """The largest step seen not to raise the loss, below ``upper`` (``0.0``: none was seen)."""
+    upper: float
+    """The smallest step seen to raise it (``inf``: none was seen)."""
+    evaluations: int
+    """How many times ``loss_fn`` was called, the one at ``w`` included."""
+
+
+def critical_sharpness(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    direction: Sequence[Tensor],
+    *,
+    eta0: float,
+    rtol: float = 0.05,
+    max_evals: int = 20,
+) -> CriticalSharpness:
+    r"""Critical sharpness ``λ_c = 2 / η_c``: ``η_c`` the smallest step along ``−u`` that raises the loss.
+
+    Kalra et al. 2026, "A Scalable Measure of Loss Landscape Curvature for Analyzing the
+    Training Dynamics of LLMs" (arXiv 2601.16979, definition 2.1 and appendix A; code:
+    github.com/facebookresearch/scalable-curvature, ``utils/measure_critical_lr.py``):
+    ``η_c = min{η > 0 : L(w − η u) > L(w)}`` with ``u`` the optimizer's update direction,
+    found by forward passes only. On a quadratic with gradient ``g``,
+    ``η_c = 2 gᵀu / uᵀHu``, so ``λ_c = uᵀHu / gᵀu``, the directional sharpness; for
+    gradient descent (``u = g``) a weighted mean of the Hessian's eigenvalues, equal to
+    the largest one when ``g`` is along its eigenvector.
+
+    The search is the paper's. An exponential phase doubles ``η`` from ``eta0`` while the
+    loss does not rise (halves it while it does), which brackets the crossing by a factor
+    of 2; bisection at the midpoint then shrinks the bracket ``(lower, upper]`` until
+    ``(upper − lower) / (upper + lower) ≤ rtol``, and ``eta`` is its midpoint. That
+    stopping rule bounds the relative error of ``value`` by ``rtol`` (for the crossing in
+    the bracket), where the paper stops at ``1 − lower/upper ≤ ε = 1/16``, which is
+    ``rtol = ε/(2 − ε) ≈ 0.032``: the default 0.05 costs 3 or 4 bisections, the paper 4.
+    Warm-started (``eta0`` the previous call's ``eta``, as the paper does), a call
+    typically costs 1 + 1-2 + 3-4 forward passes; from a poor guess, one more per factor
+    of 2. A loss that is not finite counts as raised (the step diverged). Losses are
+    taken under ``torch.no_grad()``, each read on the host once; the weights are set to
+    ``w − η u`` from a saved copy for every evaluation and put back bitwise at the end.
+
+    The bracket holds *a* crossing; it is the first one when ``L(w − ηu) − L(w)``
+    changes sign once on ``(0, upper]``, as on a quadratic or close to one. Two edge
+    cases, returned rather than raised (a monitor should not stop training):
+
+    - The loss never rose up to ``eta0 · 2^(max_evals − 2)``: ``upper = eta = inf``,
+      ``value = 0`` (flat or still descending as far as the search looked).
+    - The loss rose at every step tried, down to ``eta0 · 2^−(max_evals − 2)``:
+      ``lower = eta = 0``, ``value = inf``: ``u`` does not decrease this loss
+      (``gᵀu ≤ 0``, e.g. a momentum step pointing uphill, or a loss on another batch than
+      the one ``u`` came from). If the rise at small steps falls below the loss's rounding,
+      the halving stops where rounding decides and ``value`` is merely huge; a ``value``
+      far above ``2 / eta0`` reads the same way.
+
+    A non-finite loss at ``w`` itself gives ``nan`` for everything after one evaluation.
+
+    Sharded parameters (DTensors) work: the weights are written shard by shard, the
+    direction's norm is summed over every shard, and every decision is taken on the
+    (replicated) loss, the same on every rank.
+
+    Args:
+        loss_fn: Computes the loss (a scalar) at the parameters' current values; called
+            under ``torch.no_grad()``.
+        params: The parameters.
+        direction: ``u``, one tensor per parameter, shaped (and, for DTensors, placed)
+            like it; a step of size ``η`` is ``w − η u``. From the optimizer's last update
+            ``w_after = w_before − lr·u``: ``u = (w_before − w_after) / lr``.
+        eta0: The first step tried: the learning rate ``u`` was taken with, or the
+            previous call's ``eta``.
+        rtol: Relative accuracy of ``value``, in ``(0, 1)``.
+        max_evals: At most this many calls of ``loss_fn``, the one at ``w`` included
+            (at least 2). A bisection cut short by it leaves a wider bracket.
+
+    Returns:
+        ``value``, ``eta`` (0-dim, on the loss's device, at least float32), the bracket
+        ``lower``, ``upper`` and the number of ``evaluations``.
+
+    Raises:
+        ValueError: ``eta0``, ``rtol`` or ``max_evals`` out of range, no parameters,
+            ``direction`` not aligned with ``params``, zero or not finite, or a loss that is
+            not a scalar.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 1.0], requires_grad=True)
+        >>> h = torch.tensor([3.0, 1.0])  # L = ½ wᵀ diag(h) w
+        >>> loss_fn = lambda: 0.5 * (h * w * w).sum()
+        >>> g = h * w.detach()  # u = g: λ_c = gᵀHg / gᵀg = 28 / 10
+        >>> result = critical_sharpness(loss_fn, [w], [g], eta0=0.1)
+        >>> result.lower < 2 / 2.8 <= result.upper
+        True
+        >>> abs(result.value.item() - 2.8) <= 0.05 * 2.8
+        True
+        >>> result.evaluations
+        8
+    """
+    params, direction = list(params), list(direction)
+    eta0 = _positive_step(eta0)
+    _check_critical_arguments(params, direction, rtol, max_evals)
+    squared = dot(direction, direction).item()  # replicated: the same on every rank
+    if not (math.isfinite(squared) and squared > 0):
+        raise ValueError(
+            f"direction has squared norm {squared}: pass a nonzero, finite update direction "
+            "(e.g. (w_before − w_after) / lr of a step that moved the weights)."
+        )
+    with torch.no_grad(), weights_kept(params) as saved:
+        probe = _Probe(loss_fn, params, saved, direction)
+        if not math.isfinite(probe.base):
+            lower = upper = eta = math.nan
+        else:
+            lower, upper = _bracket(probe, eta0, max_evals)
+            while lower > 0 and upper < math.inf and upper - lower > rtol * (upper + lower):
+                middle = 0.5 * (lower + upper)
+                if probe.evaluations >= max_evals or not lower < middle < upper:  # out of calls, or of float resolution
+                    break
+                if probe.raised(middle):
+                    upper = middle
+                else:
+                    lower = middle
+            eta = 0.0 if lower == 0 else math.inf if upper == math.inf else 0.5 * (lower + upper)
+    value = math.inf if eta == 0 else 2.0 / eta  # 2 / inf = 0, 2 / nan = nan
+    dtype, device = torch.promote_types(probe.loss_dtype, torch.float32), probe.device
+    return CriticalSharpness(
+        torch.tensor(value, dtype=dtype, device=device),
+        torch.tensor(eta, dtype=dtype, device=device),
+        lower,
+        upper,
+        probe.evaluations,
+    )
+
+
+class _Probe:
+    """The loss at ``w`` and at ``w − η u`` (set from the saved copy each time), with the calls counted."""
+
+    def __init__(self, loss_fn: LossFn, params: list[Tensor], saved: list[Tensor], direction: list[Tensor]) -> None:
+        self.loss_fn, self.params, self.saved, self.direction = loss_fn, params, saved, direction
+        loss = self._loss()
+        self.loss_dtype, self.device = loss.dtype, loss.device
+        self.base = float(loss.item())  # each evaluation's one host read
+        self.evaluations = 1
+
+    def _loss(self) -> Tensor:
+        loss = self.loss_fn()
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}.")
+        loss = loss.detach()
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss  # replicated: the same on every rank
+
+    def raised(self, eta: float) -> bool:
+        """Whether ``L(w − η u) > L(w)``, a loss that is not finite included."""
+        sub_into_(self.params, self.saved, self.direction, eta)
+        loss = float(self._loss().item())
+        self.evaluations += 1
+        return not math.isfinite(loss) or loss > self.base
+
+
+def _bracket(probe: _Probe, eta0: float, max_evals: int) -> tuple[float, float]:
+    """The exponential phase: ``(lower, upper]`` a factor 2 apart, or open on one side (``0`` or ``inf``)."""
+    if probe.raised(eta0):
+        upper = eta0
+        while probe.evaluations < max_evals:
+            if not probe.raised(upper / 2):
+                return upper / 2, upper
+            upper /= 2
+        return 0.0, upper
+    lower = eta0
+    while probe.evaluations < max_evals:
+        if probe.raised(lower * 2):
+            return lower, lower * 2
+        lower *= 2
+    return lower, math.inf
+
+
+def _positive_step(eta0: float) -> float:
+    try:
+        step = float(eta0)  # a learning rate held in a 0-dim tensor too
+    except (TypeError, ValueError, RuntimeError):
+        step = math.nan
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(
+            f"eta0 must be a positive, finite step size (the learning rate u was taken with, or the "
+            f"previous call's eta), got {eta0!r}."
+        )
+    return step
+
+
+def _check_critical_arguments(params: list[Tensor], direction: list[Tensor], rtol: float, max_evals: int) -> None:
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must lie in (0, 1) (e.g. 0.05 for 5%), got {rtol!r}.")
+    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 2:
+        raise ValueError(f"max_evals must be an integer >= 2 (the loss at w and one step), got {max_evals!r}.")
+    if not params:
+        raise ValueError("params is empty: pass the parameters the update direction moves.")
+    if len(direction) != len(params):
+        raise ValueError(
+            f"direction must hold one tensor per parameter, got {len(direction)} for {len(params)} parameters."
+        )
+    for i, (p, u) in enumerate(zip(params, direction, strict=True)):
+        if u.shape != p.shape:
+            raise ValueError(f"direction[{i}] has shape {tuple(u.shape)}, its parameter {tuple(p.shape)}: align them.")
+        if isinstance(p, DTensor) != isinstance(u, DTensor) or (
+            isinstance(p, DTensor)
+            and isinstance(u, DTensor)
+            and (p.device_mesh != u.device_mesh or p.placements != u.placements)
+        ):
+            raise ValueError(
+                f"direction[{i}] must be placed like its parameter (a DTensor on the same mesh with the same "
+                "placements when the parameter is one, a plain tensor otherwise)."
+            )

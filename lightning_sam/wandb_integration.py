@@ -20,11 +20,16 @@ def find_wandb_logger(loggers: Sequence[Logger]) -> WandbLogger | None:
     return next((logger for logger in loggers if isinstance(logger, WandbLogger)), None)
 
 
-def define_sharpness_metrics(logger: WandbLogger, prefix: str = "sharpness") -> None:
-    """Plot ``prefix/*`` against ``trainer/global_step`` and keep its min, max and last value in the summary."""
+def define_sharpness_metrics(logger: WandbLogger, labels: Mapping[str, str], prefix: str = "sharpness") -> None:
+    """Plot ``prefix/*`` against ``trainer/global_step``, keep its min, max and last value in the summary.
+
+    ``labels`` (measure → what it is) go into the run's config under ``prefix``: what each
+    curve measures, e.g. that ``eos_ratio`` is over the base optimizer's edge.
+    """
     experiment: Any = logger.experiment
     experiment.define_metric("trainer/global_step")
     experiment.define_metric(f"{prefix}/*", step_metric="trainer/global_step", summary="min,max,last")
+    experiment.config.update({prefix: dict(labels)}, allow_val_change=True)
 
 
 def log_line_plot(

@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import lightning.pytorch as pl
 import torch
@@ -18,8 +19,8 @@ from helpers import Net, SAMNet, dataset, flat_params, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_sam import SAM, LookSAM, SAMStep, SharpnessMonitor
-from lightning_sam.measures import MEASURES
+from lightning_sam import SAM, LookSAM, SAMStep, SharpnessMonitor, plots, sharpness
+from lightning_sam.measures import MEASURES, FixedBatch, Measure, Unavailable
 
 # mode -> (sam_sync_ascent, accumulate_grad_batches)
 SAM_MODES: dict[str, tuple[bool, int]] = {
@@ -98,26 +99,83 @@ class PartialStep(AliasedStep):
 
 
 class RecordingMonitor(SharpnessMonitor):
-    """Keeps what each rank measured and what came out of the cross-rank mean."""
+    """Keeps what each rank measured in each round, and what came out of the reduction over ranks."""
 
-    def __init__(self) -> None:
-        measures = [m for m in MEASURES if m != "preconditioned_max_eig"]  # SGD has no preconditioner
-        super().__init__(measures=measures, every_n_steps=2, spectrum_epochs=[0], spectrum_iters=10, spectrum_runs=2)
-        self.local: list[torch.Tensor] = []
-        self.reduced: list[torch.Tensor] = []
-        self.keys: list[list[str]] = []
+    def __init__(self, **kwargs: Any) -> None:
+        measures = [m for m in MEASURES if m not in ("preconditioned_max_eig", "sam_eos_ratio")]  # SGD's
+        settings: dict[str, Any] = {
+            "measures": measures,
+            "every_n_steps": 2,
+            "spectrum_epochs": [0],
+            "spectrum_iters": 10,
+            "spectrum_runs": 2,
+            **kwargs,
+        }
+        super().__init__(**settings)
+        self.local: list[dict[str, float]] = []
         self.logged: list[dict[str, float]] = []
 
-    def _log(self, trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
-        super()._log(trainer, values)
-        if values:
-            self.keys.append(sorted(values))
-            self.logged.append({k: self.last_values[f"sharpness/{k}"] for k in values})
+    def _log(
+        self, trainer: pl.Trainer, keys: dict[str, Any], values: dict[str, torch.Tensor], error: Any = None
+    ) -> None:
+        before = len(self.history)
+        super()._log(trainer, keys, values, error)
+        self.local.append({k: float(v) for k, v in values.items()})
+        self.logged.append(self.history[-1][1] if len(self.history) > before else {})
 
-    def _reduce(self, trainer: pl.Trainer, values: torch.Tensor) -> torch.Tensor:
-        self.local.append(values.clone())
-        self.reduced.append(super()._reduce(trainer, values).clone())
-        return self.reduced[-1]
+    def _record(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        super()._record(trainer, metrics)
+        if "sharpness/negative_fraction" in metrics:
+            self.logged.append(metrics)
+
+
+def _rank_one_only(batch: FixedBatch) -> dict[str, torch.Tensor]:
+    """A measure that rank 1 does not have."""
+    if torch.distributed.get_rank() == 1:
+        raise Unavailable("not on rank 1")
+    return {"rank_one_only": batch.loss_fn()}
+
+
+def _rank_one_raises(batch: FixedBatch) -> dict[str, torch.Tensor]:
+    """A measure that raises on rank 1 only."""
+    if torch.distributed.get_rank() == 1:
+        raise RuntimeError("rank 1's measure broke")
+    return {"rank_one_raises": batch.loss_fn()}
+
+
+_SPECTRUM = sharpness.hessian_spectrum
+
+
+def _spectrum_failing_on_rank_one(*args: Any, **kwargs: Any) -> Any:
+    if torch.distributed.get_rank() == 1:
+        raise torch.linalg.LinAlgError("rank 1's eigendecomposition failed")  # type: ignore[attr-defined]
+    return _SPECTRUM(*args, **kwargs)
+
+
+def failing_on_rank_one(out_dir: Path, raises: bool) -> None:
+    """A fit whose measures (a registry entry, the spectrum) fail on rank 1 only: no rank may wait for the other."""
+    name = "rank_one_raises" if raises else "rank_one_only"
+    MEASURES[name] = Measure(
+        _rank_one_raises if raises else _rank_one_only, per_step=False, keys=lambda _: {name: "mean"}
+    )
+    monitor = RecordingMonitor(measures=["grad_norm", "hessian_max_eig", name])
+    fit = trainer(
+        strategy="ddp",
+        devices=2,
+        callbacks=[monitor],
+        use_distributed_sampler=False,
+        logger=CSVLogger(out_dir, name="csv"),
+        log_every_n_steps=1,
+    )
+    error = None
+    with patch.object(plots.sharpness, "hessian_spectrum", _spectrum_failing_on_rank_one):
+        try:
+            fit.fit(SAMNet(), datamodule=RankData())
+        except RuntimeError as raised:
+            error = f"{type(raised).__name__}: {raised}"
+    del MEASURES[name]
+    result = {"history": monitor.history, "error": error, "global_step": fit.global_step}
+    torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
 
 
 class SaveParams(Callback):
@@ -155,11 +213,9 @@ def run(mode: str, out_dir: Path) -> None:
         fit.fit(SAMNet(), datamodule=RankData())
         result = {
             "local": monitor.local,
-            "reduced": monitor.reduced,
             "last_values": monitor.last_values,
             "checkpointed_batches": monitor.state_dict()["fixed_batches"],  # what rank 0 writes into a checkpoint
-            "keys": monitor.keys,
-            "logged": monitor.logged,
+            "history": monitor.history,
             "spectra": [(epoch, s.nodes, s.weights) for epoch, s in monitor.spectra],
         }
         torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
@@ -219,6 +275,9 @@ def main(out_dir: Path, modes: list[str]) -> None:
     for mode in modes:
         if mode == "plain_loop":
             plain_loop(out_dir / mode)
+        elif mode.startswith("monitor_fails_on_rank_one"):
+            (out_dir / mode).mkdir(parents=True, exist_ok=True)
+            failing_on_rank_one(out_dir / mode, raises=mode.endswith("raises"))
         else:
             run(mode, out_dir / mode)
     if torch.distributed.is_initialized():

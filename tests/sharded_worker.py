@@ -226,11 +226,49 @@ def variant_fit(out_dir: Path, variant: str, resume: bool) -> dict[str, Any]:
     }
 
 
-def lightning_monitor(out_dir: Path, module_cls: type[Net]) -> dict[str, Any]:
+class AdamNet(Net):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+class AdamSAMNet(SAMNet):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return SAM(self.parameters(), torch.optim.AdamW, rho=self.rho, lr=0.01)
+
+
+class ShardedAdamNet(AdamNet):
+    def configure_model(self) -> None:
+        shard_data_parallel(self.net, self.device_mesh["data_parallel"])
+
+
+class ShardedAdamSAMNet(ShardedSAMNet, AdamSAMNet):
+    """SAM over AdamW, FSDP2 or tensor parallel as ShardedSAMNet."""
+
+
+# What the sharded monitor is compared on (test_sharded.py runs the same on one process).
+MONITOR_SETTINGS: dict[str, Any] = {
+    "measures": [m for m in MEASURES if m not in ("adaptive_avg", "adaptive_worst")],
+    "every_n_steps": 2,
+    "eig_tol": 1e-4,
+    "top_k": 2,
+    "trace_samples": 12,
+    "spectrum_epochs": [0],
+    "spectrum_iters": 8,
+}
+MONITORED = {
+    "lightning_monitor_sam": (ShardedSAMNet, False),
+    "lightning_monitor_plain": (ShardedNet, False),
+    "lightning_monitor_adamw": (ShardedAdamNet, False),
+    "lightning_monitor_tp": (ShardedAdamSAMNet, True),
+}
+
+
+def lightning_monitor(out_dir: Path, mode: str) -> dict[str, Any]:
+    module_cls, tensor_parallel = MONITORED[mode]
     torch.manual_seed(0)
-    monitor = SharpnessMonitor(measures=list(MEASURES), every_n_steps=2)
+    monitor = SharpnessMonitor(**MONITOR_SETTINGS, per_module=mode == "lightning_monitor_sam")
     fit = trainer(
-        strategy=data_parallel(),
+        strategy=ModelParallelStrategy(1, 2) if tensor_parallel else data_parallel(),
         devices=2,
         use_distributed_sampler=False,
         callbacks=[monitor],
@@ -239,11 +277,48 @@ def lightning_monitor(out_dir: Path, module_cls: type[Net]) -> dict[str, Any]:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit.fit(module_cls(), datamodule=RankData())
+        fit.fit(module_cls(), datamodule=RankData(same_on_every_rank=tensor_parallel))
+    eigenvector = monitor.eigenvector
     return {
         "history": monitor.history,
+        "spectra": [(epoch, s.nodes, s.weights) for epoch, s in monitor.spectra],
         "warnings": [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)],
+        "eigenvector_is_sharded": eigenvector is not None and all(isinstance(v, DTensor) for v in eigenvector),
     }
+
+
+def lightning_monitor_resume(out_dir: Path) -> dict[str, Any]:
+    """FSDP2 with the monitor: 2 epochs in one fit; 1 epoch, a checkpoint (sharded warm starts whole), a resume."""
+    settings: dict[str, Any] = {"measures": ["hessian_max_eig", "hessian_top_eigs"], "every_n_steps": 2, "top_k": 2}
+    histories = []
+    for part in ("whole", "first", "resumed"):
+        torch.manual_seed(0)
+        monitor = SharpnessMonitor(**settings)
+        callbacks: list[Callback] = [monitor]
+        if part == "first":
+            callbacks.append(ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True))
+        fit = trainer(
+            strategy=data_parallel(),
+            devices=2,
+            use_distributed_sampler=False,
+            callbacks=callbacks,
+            logger=CSVLogger(out_dir, name=part),
+            log_every_n_steps=1,
+            max_epochs=1 if part == "first" else 2,
+            enable_checkpointing=part == "first",
+        )
+        ckpt = out_dir / "ckpt" / "last.ckpt" if part == "resumed" else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit.fit(ShardedSAMNet(), datamodule=RankData(), ckpt_path=ckpt)
+        histories.append(monitor.history)
+        if part == "first":
+            state = monitor.state_dict()
+            whole = [
+                isinstance(v, torch.Tensor) and not isinstance(v, DTensor)
+                for v in state["estimator_state"]["eigenvectors"][0]
+            ]
+    return {"whole": histories[0], "first": histories[1], "resumed": histories[2], "saved_whole": whole}
 
 
 def lightning_sync_false(out_dir: Path) -> dict[str, Any]:
@@ -334,8 +409,8 @@ def run(mode: str, out_dir: Path) -> None:
 
 SPECIAL = {
     "lightning_resume": lightning_resume,
-    "lightning_monitor_sam": lambda out: lightning_monitor(out, ShardedSAMNet),
-    "lightning_monitor_plain": lambda out: lightning_monitor(out, ShardedNet),
+    **{mode: (lambda out, mode=mode: lightning_monitor(out, mode)) for mode in MONITORED},
+    "lightning_monitor_resume": lightning_monitor_resume,
     "lightning_sync_false": lightning_sync_false,
     "plain_fsdp2_foreach": lambda out: plain_fsdp2(foreach=True),
     "plain_fsdp2_per_tensor": lambda out: plain_fsdp2(foreach=False),

@@ -33,7 +33,9 @@ ALL_MODES = [
     "decorated_training_step",
     "partial_training_step",
     "named_training_step",
-    "plain_loop",  # last: it runs in the process group that the fits made
+    "monitor_fails_on_rank_one",
+    "plain_loop",  # it runs in the process group that the fits made
+    "monitor_fails_on_rank_one_raises",  # last: a fit that ends in an error
 ]
 
 
@@ -238,16 +240,10 @@ def test_per_device_and_synced_ascent_differ() -> None:
 
 def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(ddp_runs: Path) -> None:
     ranks = ranks_of(ddp_runs, "monitor")
-    assert len(ranks[0]["local"]) == len(ranks[1]["local"]) == 5, "4 steps, each logged, and the spectrum's epoch end"
-    for local0, local1, reduced0, reduced1 in zip(
-        ranks[0]["local"], ranks[1]["local"], ranks[0]["reduced"], ranks[1]["reduced"], strict=True
-    ):
-        assert torch.equal(reduced0, reduced1)
-        torch.testing.assert_close(reduced0, (local0 + local1) / 2)
-        assert torch.isfinite(reduced0).all()
-    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)), (
-        "each rank measures on its own batch"
-    )
+    assert len(ranks[0]["local"]) == len(ranks[1]["local"]) == 4, "4 steps, each logged"
+    assert len(ranks[0]["history"]) == 5 and "sharpness/negative_fraction" in ranks[0]["history"][-1][1], "the spectrum"
+    assert ranks[0]["history"] == ranks[1]["history"], "every rank has the same values"
+    assert any(a != b for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)), "each rank's own batch"
     checkpointed = ranks[0]["checkpointed_batches"]
     assert len(checkpointed) == WORLD, "the checkpoint keeps every rank's fixed batch"
     for rank in range(WORLD):
@@ -257,20 +253,37 @@ def test_monitor_averages_each_ranks_estimate_and_logs_from_rank_zero(ddp_runs: 
     assert len(logged) == 1, "one logger, on rank zero"
     header = logged[0].read_text().splitlines()[0]
     assert all(f"sharpness/{m}" in header for m in ("first_order", "hessian_max_eig", "adaptive_worst"))
-    for keys, local0, local1, logged in zip(
-        ranks[0]["keys"], ranks[0]["local"], ranks[1]["local"], ranks[0]["logged"], strict=True
-    ):
-        for i, key in enumerate(keys):
-            if key.endswith("_stderr"):  # what went into the mean were the variances; out comes sqrt(Σσ²)/R
-                expected = math.sqrt((local0[i] + local1[i]).item()) / WORLD
+    rounds = list(zip(ranks[0]["local"], ranks[1]["local"], [v for _, v in ranks[0]["history"][:4]], strict=True))
+    for local0, local1, logged0 in rounds:
+        assert sorted(local0) == sorted(local1)
+        assert sorted(logged0) == sorted(f"sharpness/{k}" for k in local0)
+        for key in local0:
+            if key.endswith("_stderr"):  # the standard error of the mean: sqrt(Σσ²)/R
+                expected = math.sqrt(local0[key] ** 2 + local1[key] ** 2) / WORLD
             elif key.endswith("_residual"):  # a bound: the worst rank's
-                expected = max(local0[i].item(), local1[i].item())
+                expected = max(local0[key], local1[key])
             else:
-                expected = (local0[i] + local1[i]).item() / WORLD
-            assert logged[key] == pytest.approx(expected, rel=1e-5), key
-    assert any(k.endswith("_stderr") for keys in ranks[0]["keys"] for k in keys)
-    assert any(k.endswith("_residual") for keys in ranks[0]["keys"] for k in keys)
+                expected = (local0[key] + local1[key]) / WORLD
+            assert logged0[f"sharpness/{key}"] == pytest.approx(expected, rel=1e-5), key
+    assert any(k.endswith("_stderr") for local, *_ in rounds for k in local)
+    assert any(k.endswith("_residual") for local, *_ in rounds for k in local)
     (epoch0, nodes0, weights0), (epoch1, nodes1, weights1) = ranks[0]["spectra"][0], ranks[1]["spectra"][0]
     assert epoch0 == epoch1 == 0 and nodes0.shape == (WORLD * 2, 10), "both ranks' runs, 2 each"
     assert torch.equal(nodes0, nodes1) and torch.equal(weights0, weights1)
     assert not torch.allclose(nodes0[:2], nodes0[2:]), "each rank's own batch"
+
+
+def test_a_measure_missing_on_one_rank_is_missing_on_all_and_nobody_waits(ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, "monitor_fails_on_rank_one")
+    assert ranks[0]["error"] is None and ranks[1]["error"] is None and ranks[0]["global_step"] == 4
+    assert ranks[0]["history"] == ranks[1]["history"], "both ranks log the same keys and values"
+    keys = {k for _, values in ranks[0]["history"] for k in values}
+    assert {"sharpness/grad_norm", "sharpness/hessian_max_eig"} <= keys
+    assert "sharpness/rank_one_only" not in keys, "unavailable on rank 1: missing on both"
+    assert "sharpness/negative_fraction" not in keys, "the spectrum failed on rank 1: missing on both"
+
+
+def test_a_measure_raising_on_one_rank_raises_on_every_rank_instead_of_a_hang(ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, "monitor_fails_on_rank_one_raises")
+    assert ranks[1]["error"] == "RuntimeError: rank 1's measure broke"
+    assert ranks[0]["error"] is not None and ranks[0]["error"].startswith("MeasureFailed"), ranks[0]["error"]

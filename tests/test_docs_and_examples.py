@@ -109,6 +109,11 @@ def test_fsdp_example_on_two_cpu_processes(loop: str, tmp_path: Path) -> None:
     assert re.search(r"clean test accuracy \d+\.\d%", done.stdout)
     if loop == "lightning":
         assert "rank 0 holds 42501 of the 85002 parameters" in done.stdout
+        logged = done.stdout.split("sharpness at the end:")[1]
+        for key in ("hessian_max_eig", "hessian_trace", "eos_ratio", "sam_eos_ratio", "critical_sharpness"):
+            assert f"sharpness/{key} " in logged, key
+        header = next(tmp_path.glob("logs/fsdp/version_*/metrics.csv")).read_text().splitlines()[0]
+        assert "sharpness/hessian_max_eig" in header
 
 
 def test_api_reference_renders_docstring_examples_as_code(tmp_path: Path) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_sam import SAM
 from lightning_sam.hessian import (
     HessianOperator,
     HVPFallbackWarning,
+    TopEigenpairs,
     hessian_spectrum,
     hessian_top_eigs,
     hessian_trace,
@@ -28,7 +32,7 @@ def tiny(seed: int, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, torc
     return model, torch.randn(32, 3, dtype=dtype), torch.randint(0, 2, (32,))
 
 
-def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, vectorize: bool = False) -> torch.Tensor:
     """The exact Hessian by torch.autograd.functional.hessian of the loss as a function of the flat weights."""
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
@@ -39,7 +43,8 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
         out = torch.func.functional_call(model, dict(zip(names, tensors, strict=True)), (x,))
         return nn.functional.cross_entropy(out, y)
 
-    return torch.autograd.functional.hessian(loss_of_flat, torch.cat([p.detach().flatten() for p in params]))
+    weights = torch.cat([p.detach().flatten() for p in params])
+    return torch.autograd.functional.hessian(loss_of_flat, weights, vectorize=vectorize)
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -520,3 +525,177 @@ def test_out_of_memory_is_raised_not_taken_for_a_missing_double_backward() -> No
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     with pytest.raises(torch.OutOfMemoryError):
         hessian_vector_product(lambda: OutOfMemoryInDoubleBackward.apply(w).sum(), [w], [torch.ones(2)], hvp="auto")
+
+
+# Transformers: exact products under the math attention kernel; honest error bars from finite differences ----------
+
+
+class TinyTransformer(nn.Module):
+    """One encoder layer (d_model 8, 2 heads), mean-pooled into a linear head: 627 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))  # type: ignore[no-any-return]
+
+
+class Trained(NamedTuple):
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    preconditioner: list[torch.Tensor]  # P per parameter, from AdamW's state by hand
+    hessian: torch.Tensor  # dense, float64
+    scaled: torch.Tensor  # P^{-1/2} H P^{-1/2}, whose eigenvalues are those of P⁻¹H
+
+
+def math_attention_dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The dense Hessian of a float64 copy (double backward through attention needs its math kernel)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return dense_hessian(copy.deepcopy(model).double(), x.double(), y, vectorize=True)
+
+
+@pytest.fixture(scope="module")
+def transformer() -> Trained:
+    """The reported case, smaller: a TransformerEncoder trained 30 steps with AdamW."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    x, y = torch.randn(16, 6, 8), torch.randint(0, 3, (16,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    p_flat = adam_p_by_hand(model, optimizer).double()  # P = (1 - β1^t)(sqrt(v/(1 - β2^t)) + ε), as stability._adam_p
+    sizes = [p.numel() for p in model.parameters()]
+    preconditioner = [t.view(p.shape).float() for t, p in zip(p_flat.split(sizes), model.parameters(), strict=True)]
+    hessian = math_attention_dense_hessian(model, x, y)
+    d = p_flat.rsqrt()
+    return Trained(model, x, y, preconditioner, hessian, d[:, None] * hessian * d[None, :])
+
+
+def test_transformer_products_are_exact_with_auto_under_the_math_attention_kernel(transformer: Trained) -> None:
+    model, x, y = transformer.model, transformer.x, transformer.y
+    params = list(model.parameters())
+    loss_fn = loss_of(model, x, y)
+    # The premise: CPU attention's fused (flash) kernel has no double backward, so products used to fall back.
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"derivative for .*scaled_dot_product"):
+        torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
+    before = [p.detach().clone() for p in params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HVPFallbackWarning)
+        top = hessian_top_eigs(loss_fn, params, k=3, tol=1e-4, generator=torch.Generator().manual_seed(0))
+        preconditioned = hessian_top_eigs(
+            loss_fn, params, preconditioner=transformer.preconditioner, generator=torch.Generator().manual_seed(0)
+        )
+    assert top.exact and preconditioned.exact
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(params, before, strict=True))
+    exact = torch.linalg.eigvalsh(transformer.hessian).flip(0)[:3]
+    torch.testing.assert_close(top.eigenvalues.double(), exact, rtol=0.02, atol=0)
+    # λ_max(P⁻¹H) of the non-symmetric product, by a general eigensolver
+    p_flat = flat(transformer.preconditioner).double()
+    exact_preconditioned = torch.linalg.eigvals(torch.diag(1 / p_flat) @ transformer.hessian).real.max()
+    assert preconditioned.eigenvalues[0].item() == pytest.approx(exact_preconditioned.item(), rel=0.02)
+    for value, vector, residual in zip(top.eigenvalues, top.eigenvectors, top.residuals, strict=True):
+        v = flat(vector).double()
+        true_residual = (transformer.hessian @ v - value.double() * v).norm() / value.abs()
+        assert residual.item() == pytest.approx(true_residual.item(), rel=0.05, abs=1e-4), "exact: the true residual"
+
+
+def assert_honest(top: TopEigenpairs, operator: torch.Tensor) -> tuple[float, float]:
+    """Each value within its residual of an eigenvalue of ``operator``, the top one of the largest; (error, bound)."""
+    eigenvalues = torch.linalg.eigvalsh(operator)
+    for value, residual in zip(top.eigenvalues.double(), top.residuals.double(), strict=True):
+        nearest = (eigenvalues - value).abs().min()
+        assert nearest <= residual * value.abs(), f"{value.item()} is {nearest.item()} off, bound {residual.item()}"
+    value, bound = top.eigenvalues[0].item(), top.residuals[0].item()
+    error = abs(value - eigenvalues[-1].item()) / abs(value)
+    assert error <= bound, f"λ_max {eigenvalues[-1].item()}, got {value}: relative error {error}, bound {bound}"
+    return error, bound
+
+
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["H", "P^-1 H"])
+def test_transformer_finite_differences_are_close_or_say_they_are_not(
+    transformer: Trained, preconditioned: bool
+) -> None:
+    model, x, y = transformer.model, transformer.x, transformer.y
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    top = hessian_top_eigs(
+        loss_of(model, x, y),
+        params,
+        k=3,
+        preconditioner=transformer.preconditioner if preconditioned else None,
+        hvp="finite_difference",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not top.exact
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(params, before, strict=True))
+    error, bound = assert_honest(top, transformer.scaled if preconditioned else transformer.hessian)
+    assert error <= 0.05 or bound > 0.05, "within 5%, or a residual that says it may not be"
+    if preconditioned:  # the step is chosen for the scaled vector D v: 4% off with the step of ‖w‖/‖D v‖ it replaced
+        assert error <= 0.02
+
+
+class ShiftedLogits(nn.Module):
+    """Logits plus one shared scalar: the loss does not depend on it (softmax), its gradient is rounding only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(1))
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.shift  # type: ignore[no-any-return]
+
+
+def bad_for_finite_differences(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
+    if case == "relu kinks":  # every hidden unit exactly at its kink for one sample (dyadic: exact in float32 and 64)
+        model: nn.Module = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3))
+        x = (x * 8).round() / 8
+        with torch.no_grad():
+            model[0].weight.copy_((model[0].weight * 64).round() / 64)
+            model[0].bias.copy_(-(x[:8] @ model[0].weight.T).diagonal())
+        return model, x, y, None
+    model = ShiftedLogits()  # an adaptive optimizer's P is tiny where the gradient always was: D = P^{-1/2} huge
+    return model, x, y, [torch.full((1,), 1e-7), *(torch.ones_like(p) for p in model.net.parameters())]
+
+
+@pytest.mark.parametrize("case", ["relu kinks", "tiny preconditioner on a flat direction"])
+def test_finite_difference_error_bars_hold_where_finite_differences_fail(case: str) -> None:
+    model, x, y, preconditioner = bad_for_finite_differences(case)
+    params = list(model.parameters())
+    operator = dense_hessian(copy.deepcopy(model).double(), x.double(), y)
+    if preconditioner is not None:
+        d = flat(preconditioner).double().rsqrt()
+        operator = d[:, None] * operator * d[None, :]
+    exact_max = torch.linalg.eigvalsh(operator)[-1].item()
+    kwargs = {"preconditioner": preconditioner, "generator": torch.Generator().manual_seed(0)}
+    exact = hessian_top_eigs(loss_of(model, x, y), params, **kwargs)  # type: ignore[arg-type]
+    assert exact.exact and exact.eigenvalues[0].item() == pytest.approx(exact_max, rel=0.01), "the oracle agrees"
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    top = hessian_top_eigs(loss_of(model, x, y), params, k=3, hvp="finite_difference", **kwargs)  # type: ignore[arg-type]
+    error, bound = assert_honest(top, operator)
+    assert error > 0.05, "the case is bad for finite differences (else this test shows nothing)"
+    assert bound > 0.05
+
+
+def test_finite_difference_trace_stderr_covers_the_products_error() -> None:
+    model, x, y, _ = bad_for_finite_differences("relu kinks")
+    params = list(model.parameters())
+    exact_trace = torch.trace(dense_hessian(copy.deepcopy(model).double(), x.double(), y)).item()
+    for seed in range(3):
+        exact = hessian_trace(loss_of(model, x, y), params, generator=torch.Generator().manual_seed(seed))
+        trace, stderr = hessian_trace(
+            loss_of(model, x, y), params, hvp="finite_difference", generator=torch.Generator().manual_seed(seed)
+        )
+        error = abs(trace.item() - exact_trace)
+        assert error > 10 * exact.stderr.item(), "the products' error, not the sampling, is what is off"
+        assert error <= 2 * stderr.item(), (trace.item(), stderr.item(), exact_trace)

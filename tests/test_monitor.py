@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 from lightning_sam import SharpnessMonitor
 from lightning_sam.measures import MEASURES
 
-ALL = [m for m in MEASURES if m != "preconditioned_max_eig"]  # every measure an SGD run has
+ALL = [m for m in MEASURES if m not in ("preconditioned_max_eig", "sam_eos_ratio")]  # every measure an SGD run has
 ERROR_BARS = {
     "hessian_max_eig": ["hessian_max_eig", "hessian_max_eig_residual"],
     "hessian_top_eigs": [f"hessian_eig_{i}{end}" for i in (1, 2, 3) for end in ("", "_residual")],
@@ -47,12 +48,12 @@ class Recording(SharpnessMonitor):
         self.rows: list[tuple[int, dict[str, float]]] = []
         self.reduced_inputs: list[torch.Tensor] = []
 
-    def _reduce(self, trainer: pl.Trainer, values: torch.Tensor) -> torch.Tensor:
-        self.reduced_inputs.append(values.clone())
-        return super()._reduce(trainer, values)
-
-    def _log(self, trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
-        super()._log(trainer, values)
+    def _log(
+        self, trainer: pl.Trainer, keys: dict[str, Any], values: dict[str, torch.Tensor], error: Any = None
+    ) -> None:
+        if values:
+            self.reduced_inputs.append(torch.stack([v.reshape(()) for v in values.values()]))
+        super()._log(trainer, keys, values, error)
         if values:
             self.rows.append((trainer.global_step, {k: self.last_values[f"sharpness/{k}"] for k in values}))
 
@@ -328,7 +329,7 @@ def test_wandb_offline_run_logs_the_curves_summaries_and_landscape(wandb_offline
     for key in sorted(logged_keys(ALL)):
         points = [(row["trainer/global_step"], row[key]) for row in rows if key in row]
         assert points, f"{key} was not logged"
-        assert all(math.isfinite(v) for _, v in points)
+        assert all(math.isfinite(v) for _, v in points), (key, points)
     cheap_steps = [row["trainer/global_step"] for row in rows if "sharpness/grad_norm" in row]
     assert cheap_steps == sorted(cheap_steps)
     assert len(cheap_steps) == 8, "every logging step (log_every_n_steps=2, 16 batches)"
@@ -349,6 +350,8 @@ def test_wandb_offline_run_logs_the_curves_summaries_and_landscape(wandb_offline
     metrics = [r["metric"] for r in records if r["type"] == "metric"]
     sharp = next(m for m in metrics if m.get("glob_name") == "sharpness/*")
     assert sharp["step_metric"] == "trainer/global_step"
+    config = [r for r in records if r["type"] == "config" and "base optimizer's edge" in json.dumps(r)]
+    assert config, "what each curve measures, eos_ratio's edge too, in the run's config"
     assert sharp["summary"] == {"min": True, "max": True, "last": True}
 
 
@@ -622,10 +625,15 @@ def test_restored_state_moves_to_the_modules_device(tmp_path: Path) -> None:
 def test_a_new_measure_is_one_registry_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_sam import measures
 
-    def loss_at_fixed_batch(batch: measures.FixedBatch) -> torch.Tensor:
-        return batch.loss_fn()
+    def loss_at_fixed_batch(batch: measures.FixedBatch) -> dict[str, torch.Tensor]:
+        return {"fixed_batch_loss": batch.loss_fn()}
 
-    entry = measures.Measure(loss_at_fixed_batch, per_step=False, summary="the loss on the fixed batch")
+    entry = measures.Measure(
+        loss_at_fixed_batch,
+        per_step=False,
+        keys=lambda _: {"fixed_batch_loss": "mean"},
+        summary="the fixed batch's loss",
+    )
     monkeypatch.setitem(measures.MEASURES, "fixed_batch_loss", entry)
     monitor = SharpnessMonitor(measures=["fixed_batch_loss"], every_n_steps=4)
     trainer(logger=csv_logger(tmp_path), callbacks=[monitor]).fit(Net(), loader())
@@ -656,3 +664,246 @@ print(sorted(monitor.last_values))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sharpness/hessian_max_eig" in done.stdout
+
+
+# 8. Issue 18: scheduling, SAM's edge, LookSAM's first_order, critical sharpness -----------------------------------
+
+
+class StepsMeasured(Recording):
+    """Which optimizer step each scheduled measure ran at (its own key in the logged rows)."""
+
+    def steps_of(self, key: str) -> list[int]:
+        return [step for step, values in self.rows if key in values]
+
+
+def test_each_interval_measures_on_exactly_its_own_multiples(tmp_path: Path) -> None:
+    monitor = StepsMeasured(
+        measures=["hessian_max_eig", "hessian_trace"], every_n_steps={"hessian_max_eig": 4, "hessian_trace": 6}
+    )
+    monitor.rows.clear()
+    trainer(max_steps=25, max_epochs=-1, logger=csv_logger(tmp_path), log_every_n_steps=50, callbacks=[monitor]).fit(
+        Net(), loader()
+    )
+    assert monitor.steps_of("hessian_max_eig") == [4, 8, 12, 16, 20, 24, 25], "its multiples, then the end"
+    assert monitor.steps_of("hessian_trace") == [6, 12, 18, 24, 25]
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+def test_intervals_after_a_resume_go_on_from_the_last_measured_step(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = StepsMeasured(measures=["hessian_max_eig"], every_n_steps=6)
+    fit = trainer(max_epochs=1, logger=csv_logger(tmp_path), callbacks=[first, ckpt], enable_checkpointing=True)
+    fit.fit(Net(), loader())
+    assert first.steps_of("hessian_max_eig") == [6, 8], "its multiple, then the end"
+    second = StepsMeasured(measures=["hessian_max_eig"], every_n_steps=6)
+    resumed = trainer(max_epochs=3, logger=csv_logger(tmp_path), callbacks=[second])
+    resumed.fit(Net(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second.steps_of("hessian_max_eig") == [12, 18, 24]
+
+
+class QuadraticSAM(SAMNet):
+    """SAM over plain SGD (no momentum), for its edge of stability."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.5, momentum=0.0, rho=0.1)
+
+
+def test_sam_eos_ratio_is_the_top_eigenvalue_over_sams_edge(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(
+        measures=["hessian_max_eig", "eos_ratio", "sam_eos_ratio"], every_n_steps=4, eig_tol=1e-6
+    )
+    torch.manual_seed(0)
+    module = QuadraticSAM()
+    trainer(max_steps=4, max_epochs=-1, logger=csv_logger(tmp_path), callbacks=[monitor]).fit(module, loader())
+    x, y = monitor.fixed_batch
+    params = list(module.parameters())
+    module.eval()
+    loss = nn.functional.cross_entropy(module(x), y)
+    g = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((t**2).sum() for t in g)).item()
+    top = monitor.last_values["sharpness/hessian_max_eig"]
+    # Long & Bartlett 2024: the SAM step along the top eigenvector is stable while lr·λ·(1 + rho·λ/‖g‖) < 2.
+    edge = norm / (2 * 0.1) * (math.sqrt(1 + 8 * 0.1 / (0.5 * norm)) - 1)
+    assert 0.5 * edge * (1 + 0.1 * edge / norm) == pytest.approx(2.0)
+    assert monitor.last_values["sharpness/sam_eos_ratio"] == pytest.approx(top / edge, rel=1e-5)
+    assert monitor.last_values["sharpness/eos_ratio"] == pytest.approx(top * 0.5 / 2, rel=1e-5), "the base's edge"
+    assert edge < 2 / 0.5, "SAM's edge lies below gradient descent's"
+
+
+def test_sam_eos_ratio_of_a_plain_optimizer_is_skipped_with_a_reason(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(measures=["sam_eos_ratio", "eos_ratio"], every_n_steps=2)
+    with pytest.warns(RuntimeWarning, match="sam_eos_ratio is skipped: the optimizer is not a SAM"):
+        trainer(max_steps=4, max_epochs=-1, logger=csv_logger(tmp_path), callbacks=[monitor]).fit(Net(), loader())
+    assert "sharpness/eos_ratio" in monitor.last_values and "sharpness/sam_eos_ratio" not in monitor.last_values
+
+
+class LookSAMNet(SAMNet):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        from lightning_sam import LookSAM
+
+        return LookSAM(self.parameters(), torch.optim.SGD, rho=self.rho, k=3, lr=self.lr, momentum=self.momentum)
+
+
+class PlainFirstOrder(pl.Callback):
+    """The oracle: L(w + rho·g/‖g‖) − L(w) with the plain gradient g of the batch, at each batch start."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        x, y = batch
+        params = list(pl_module.parameters())
+        with torch.enable_grad():
+            loss = nn.functional.cross_entropy(pl_module(x), y)
+            g = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((t**2).sum() for t in g))
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, t in zip(params, g, strict=True):
+                p.add_(0.05 * t / (norm + 1e-12))
+            self.values.append((nn.functional.cross_entropy(pl_module(x), y) - loss).item())
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def test_looksam_logs_first_order_on_every_logged_step_from_the_plain_gradient(tmp_path: Path) -> None:
+    monitor = Recording(measures=["first_order"])
+    oracle = PlainFirstOrder()
+    torch.manual_seed(0)
+    fit = trainer(
+        max_steps=6, max_epochs=-1, logger=csv_logger(tmp_path), log_every_n_steps=1, callbacks=[oracle, monitor]
+    )
+    fit.fit(LookSAMNet(), loader())
+    logged = [values["first_order"] for _, values in monitor.rows]
+    assert len(logged) == 6, "every logged step, SAM steps and the steps between"
+    assert logged == pytest.approx(oracle.values, rel=1e-4)
+
+
+class BeforeAndBatch(pl.Callback):
+    """The weights before each optimizer step and its batch, for an independent line search."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[list[torch.Tensor], Any]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        self.rows.append(([p.detach().clone() for p in pl_module.parameters()], batch))
+
+
+@pytest.mark.parametrize("module_cls", [Net, SAMNet])
+def test_critical_sharpness_is_the_first_rise_along_the_update_found_by_a_dense_line_search(
+    module_cls: type[Net], tmp_path: Path
+) -> None:
+    monitor = StepsMeasured(measures=["critical_sharpness"], every_n_steps=3)
+    seen = BeforeAndBatch()
+    torch.manual_seed(0)
+    module = module_cls(momentum=0.0)
+    fit = trainer(max_steps=6, max_epochs=-1, logger=csv_logger(tmp_path), callbacks=[seen, monitor])
+    fit.fit(module, loader())
+    assert monitor.steps_of("critical_sharpness") == [3, 6], "its own steps; none at the end (no update to follow)"
+    logged = [values["critical_sharpness"] for _, values in monitor.rows]
+    # Oracle for step 6: L(w_before − η u) on the batch it trained on, u = (w_before − w_after)/lr, on a fine grid.
+    before, (x, y) = seen.rows[5]
+    after = [p.detach().clone() for p in module.parameters()]
+    u = [(b - a) / 0.1 for b, a in zip(before, after, strict=True)]
+    probe = Net(momentum=0.0)
+
+    def rises(eta: float) -> bool:
+        for p, b, d in zip(probe.parameters(), before, u, strict=True):
+            p.copy_(b - eta * d)
+        return bool(nn.functional.cross_entropy(probe(x), y) > base)
+
+    with torch.no_grad():
+        for p, b in zip(probe.parameters(), before, strict=True):
+            p.copy_(b)
+        base = nn.functional.cross_entropy(probe(x), y)
+        coarse = torch.logspace(-4, 3, 1600).tolist()  # steps of 1%, then 1000 points between the last two
+        first = next((i for i, eta in enumerate(coarse) if rises(eta)), None)
+        assert first is not None and first > 0
+        rose = next(eta for eta in torch.linspace(coarse[first - 1], coarse[first], 1000).tolist() if rises(eta))
+    assert rose is not None
+    assert logged[-1] == pytest.approx(2 / rose, rel=0.05 + 1e-4 * 2), "within the search's rtol"
+    assert flat_params(module).equal(torch.cat([a.flatten() for a in after])), "weights back at w_after"
+
+
+class TinyTransformer(pl.LightningModule):
+    """A 1-layer nn.TransformerEncoder classifier (~700 parameters), AdamW: its CPU attention kernel has no double
+    backward, so exact products need the math kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))  # type: ignore[no-any-return]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, labels = batch
+        return nn.functional.cross_entropy(self(tokens), labels)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def token_loader() -> torch.utils.data.DataLoader[Any]:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 10, (96, 6), generator=generator)
+    labels = tokens[:, 0] % 3
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, labels), batch_size=32)
+
+
+def dense_preconditioned(module: TinyTransformer, optimizer: torch.optim.Optimizer, batch: Any) -> tuple[float, float]:
+    """λ_max(H) and λ_max(diag(1/P) H), P = (1 − β1ᵗ)(√(v/(1 − β2ᵗ)) + ε) by hand from AdamW's state (float64)."""
+    module = module.double()
+    tokens, labels = batch
+    params = dict(module.named_parameters())
+    names, shapes, sizes = list(params), [p.shape for p in params.values()], [p.numel() for p in params.values()]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        tensors = [t.view(s) for t, s in zip(torch.split(flat, sizes), shapes, strict=True)]
+        out = torch.func.functional_call(module, dict(zip(names, tensors, strict=True)), (tokens,))
+        return nn.functional.cross_entropy(out, labels)
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        hessian = torch.autograd.functional.hessian(loss_of, torch.cat([p.detach().flatten() for p in params.values()]))
+    (beta1, beta2), eps = optimizer.param_groups[0]["betas"], optimizer.param_groups[0]["eps"]
+    p_diag = []
+    for p in params.values():
+        state = optimizer.state[p]
+        t = float(state["step"])
+        p_diag.append(((1 - beta1**t) * ((state["exp_avg_sq"].double() / (1 - beta2**t)).sqrt() + eps)).flatten())
+    preconditioned = torch.linalg.eigvals(torch.diag(1 / torch.cat(p_diag)) @ hessian).real.max().item()
+    module.float()
+    return torch.linalg.eigvalsh(hessian).max().item(), preconditioned
+
+
+@pytest.mark.parametrize("hvp", ["auto", "finite_difference"])
+def test_transformer_sharpness_is_exact_with_the_math_kernel_and_honest_with_finite_differences(
+    hvp: str, tmp_path: Path
+) -> None:
+    measures = ["hessian_max_eig", "preconditioned_max_eig"]
+    monitor = SharpnessMonitor(measures=measures, every_n_steps=9, hvp=hvp, eig_tol=1e-4)
+    module = TinyTransformer()
+    fit = trainer(max_epochs=3, logger=csv_logger(tmp_path), callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(module, token_loader())
+    messages = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    top, preconditioned = dense_preconditioned(module, fit.optimizers[0], monitor.fixed_batch)
+    values = monitor.last_values
+    if hvp == "auto":
+        assert not messages, "exact products: no fallback, no warning"
+        assert values["sharpness/hessian_max_eig"] == pytest.approx(top, rel=0.02)
+        assert values["sharpness/preconditioned_max_eig"] == pytest.approx(preconditioned, rel=0.02)
+        assert values["sharpness/preconditioned_max_eig_residual"] <= 1e-4
+        return
+    for key, exact in (("hessian_max_eig", top), ("preconditioned_max_eig", preconditioned)):
+        error = abs(values[f"sharpness/{key}"] - exact) / abs(exact)
+        residual = values.get(f"sharpness/{key}_residual")
+        if residual is None:  # no error bar: said so
+            assert any(key in m and "without its residual" in m for m in messages), messages
+        else:  # an error bar that bounds the error, and says within 5%
+            assert error <= residual <= 0.05, (key, error, residual)

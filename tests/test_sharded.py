@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 import torch
 from helpers import Net, SAMNet, dataset, flat_params, loader, trainer
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from sharded_worker import MONITOR_SETTINGS, MONITORED, AdamNet, AdamSAMNet
 from torch import nn
 
-from lightning_sam import SAM
+from lightning_sam import SAM, SharpnessMonitor
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -35,6 +37,9 @@ MODES = [
     "lightning_two_epochs",
     "lightning_monitor_sam",
     "lightning_monitor_plain",
+    "lightning_monitor_adamw",
+    "lightning_monitor_tp",
+    "lightning_monitor_resume",
     "lightning_sync_false",
     "plain_fsdp2_foreach",
     "plain_fsdp2_per_tensor",
@@ -302,32 +307,78 @@ def test_fsdp1_strategy_is_refused_at_fit_start_with_the_way_to_fsdp2() -> None:
     assert module.trainer.optimizers == [], "refused before anything was set up"
 
 
-@pytest.mark.parametrize("mode", ["lightning_monitor_sam", "lightning_monitor_plain"])
-def test_monitor_logs_first_order_and_grad_norm_and_skips_the_rest_once(mode: str, runs: Path) -> None:
-    ranks = ranks_of(runs, mode)
-    skipped = [w for w in ranks[0]["warnings"] if "are skipped" in w]
-    assert len(skipped) == 1 and "sharded" in skipped[0], ranks[0]["warnings"]
-    _, values = ranks[0]["history"][0]
-    assert set(values) == {"sharpness/first_order", "sharpness/grad_norm"}
-    # The first logged step, at the initial weights: the norm of the global gradient the optimizer steps with (for
-    # SAM the one at w + e), and the mean over ranks of each rank's L(w + e) - L(w) with the global e.
+ONE_PROCESS = {
+    "lightning_monitor_sam": SAMNet,
+    "lightning_monitor_plain": Net,
+    "lightning_monitor_adamw": AdamNet,
+    "lightning_monitor_tp": AdamSAMNet,
+}
+
+
+def one_process_monitor(mode: str, tmp_path: Path, hvp: str = "auto") -> tuple[SharpnessMonitor, Any]:
+    """The same monitor on one process, the full model, and what both ranks see (concatenated, or the same batch)."""
+    tensor_parallel = MONITORED[mode][1]
+    x, y = (torch.cat(t) for t in zip(*global_batches(same_on_every_rank=tensor_parallel), strict=True))
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8 if tensor_parallel else 16, shuffle=False
+    )
     torch.manual_seed(0)
-    model = Net()
-    x, y = global_batches()[0]
-    params = list(model.parameters())
-    g = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
-    norm = torch.sqrt(sum((t**2).sum() for t in g))
-    before = [nn.functional.cross_entropy(model(x[r * 8 : (r + 1) * 8]), y[r * 8 : (r + 1) * 8]) for r in range(2)]
-    with torch.no_grad():
-        for p, t in zip(params, g, strict=True):
-            p.add_(RHO * t / (norm + 1e-12))
-        after = [nn.functional.cross_entropy(model(x[r * 8 : (r + 1) * 8]), y[r * 8 : (r + 1) * 8]) for r in range(2)]
-    with torch.enable_grad():
-        g_perturbed = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params) if "sam" in mode else g
-    first_order = sum(a - b for a, b in zip(after, before, strict=True)) / 2
-    stepped_norm = torch.sqrt(sum((t**2).sum() for t in g_perturbed))
-    assert values["sharpness/grad_norm"] == pytest.approx(stepped_norm.item(), rel=1e-5)
-    assert values["sharpness/first_order"] == pytest.approx(first_order.item(), rel=1e-4)
+    monitor = SharpnessMonitor(**MONITOR_SETTINGS, per_module=mode == "lightning_monitor_sam", hvp=hvp)
+    fit = trainer(callbacks=[monitor], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit.fit(ONE_PROCESS[mode](), data)
+    return monitor, fit
+
+
+@pytest.mark.parametrize("mode", list(MONITORED))
+def test_monitor_on_sharded_parameters_equals_one_process_on_the_full_model(
+    mode: str, runs: Path, tmp_path: Path
+) -> None:
+    """FSDP2 and tensor parallelism: the Hessian measures over DTensors, each within 1% of one process."""
+    ranks = ranks_of(runs, mode)
+    assert ranks[0]["history"] == ranks[1]["history"], "every rank logs the same"
+    # FSDP2 has no double backward: its products are finite differences, as the first reference's. Same products,
+    # same random numbers: every value within 1%, the trace within its standard error. The second reference has
+    # exact products: the eigenvalues within 1% of it too.
+    fsdp2 = not MONITORED[mode][1]
+    reference, _ = one_process_monitor(mode, tmp_path / "same", hvp="finite_difference" if fsdp2 else "auto")
+    exact, _ = one_process_monitor(mode, tmp_path / "exact") if fsdp2 else (reference, None)
+    ours, theirs, exacts = dict(ranks[0]["history"]), dict(reference.history), dict(exact.history)
+    assert sorted(ours) == sorted(theirs) == sorted(exacts), "the same logging steps"
+    hessian = ["hessian_max_eig", "hessian_eig_1", "hessian_eig_2", "eos_ratio", "critical_sharpness"]
+    if "adamw" in mode or "tp" in mode:
+        hessian.append("preconditioned_max_eig")
+    if mode == "lightning_monitor_sam":
+        hessian += ["sam_eos_ratio", "net/hessian_max_eig", "negative_fraction"]
+    for step, expected in theirs.items():
+        assert sorted(ours[step]) == sorted(expected), f"the same keys at step {step}"
+        for key, value in expected.items():
+            name = key.removeprefix("sharpness/")
+            if name.endswith(("_residual", "_stderr")):
+                continue
+            if name.endswith("hessian_trace"):
+                stderr = expected[key + "_stderr"]
+                assert abs(ours[step][key] - value) <= max(stderr, 1e-4 * abs(value)), (step, key)
+            else:
+                assert ours[step][key] == pytest.approx(value, rel=1e-2, abs=1e-6), (step, key)
+            if name in hessian and name != "negative_fraction":
+                assert ours[step][key] == pytest.approx(exacts[step][key], rel=1e-2, abs=1e-6), ("exact", step, key)
+    logged = {k.removeprefix("sharpness/") for values in theirs.values() for k in values}
+    assert set(hessian) <= logged, sorted(logged)
+    assert ranks[0]["eigenvector_is_sharded"], "the warm start is sharded like the parameters"
+    skipped = [w for w in ranks[0]["warnings"] if "sharded" in w]
+    assert all("adaptive" in w or "landscape" in w for w in skipped), skipped
+
+
+def test_monitor_on_fsdp2_resumes_as_it_would_have_gone_on(runs: Path) -> None:
+    ranks = ranks_of(runs, "lightning_monitor_resume")
+    assert ranks[0]["saved_whole"] and all(ranks[0]["saved_whole"]), "sharded warm starts go whole into checkpoints"
+    whole, resumed = dict(ranks[0]["whole"]), dict(ranks[0]["resumed"])
+    assert sorted(resumed) == [s for s in sorted(whole) if s >= 4], "the second epoch's steps"
+    for step, values in resumed.items():
+        assert values == pytest.approx(whole[step], rel=1e-3), step
+    assert ranks[1]["resumed"] == ranks[0]["resumed"]
 
 
 # Refusals that need no second process ------------------------------------------------------------------------------

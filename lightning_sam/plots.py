@@ -1,0 +1,259 @@
+"""The monitor's epoch-end plots as callbacks: the Hessian's eigenvalue density and 1-D slices of the loss landscape.
+
+[`SharpnessMonitor`][lightning_sam.SharpnessMonitor] makes them from its ``spectrum_epochs``
+and ``landscape_epochs`` and runs them on its own fixed batch; each also works alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from typing_extensions import override
+
+from lightning_sam import sharpness
+from lightning_sam._measuring import LINALG_ERROR, FixedBatchProbe, LossFn, log_round, warn_once
+from lightning_sam.figures import density_curve, save_spectrum_figure
+from lightning_sam.hessian import HVP_BACKENDS, Spectrum
+from lightning_sam.wandb_integration import find_wandb_logger, log_line_plot
+
+__all__ = ["LandscapePlot", "SpectrumPlot"]
+
+
+def _check_epochs(name: str, epochs: Sequence[int]) -> tuple[int, ...]:
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in epochs):
+        raise MisconfigurationException(f"{name} must be epoch numbers >= 0, got {epochs!r}.")
+    return tuple(epochs)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MisconfigurationException(f"SharpnessMonitor {name} must be a positive integer, got {value!r}.")
+    return value
+
+
+class _EpochEndPlot(Callback):
+    """A plot at the end of some epochs, on a fixed batch: its own, or the SharpnessMonitor's that made it."""
+
+    def __init__(self, epochs: Sequence[int], loss_fn: LossFn | None, seed: int, probe: FixedBatchProbe | None) -> None:
+        self.epochs = epochs
+        self.owns_probe = probe is None
+        self.probe = FixedBatchProbe(loss_fn, seed) if probe is None else probe
+        self._warned: set[str] = set()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.probe.state_dict() if self.owns_probe else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.owns_probe and state_dict:
+            self.probe.load_state_dict(state_dict)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.owns_probe:
+            self.probe.restore_to(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.owns_probe:
+            self.probe.capture(trainer, batch)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe.fixed_batch is not None and trainer.current_epoch in self.epochs:
+            self.plot(trainer, pl_module)
+
+    def plot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Measure and log; returns the scalars logged."""
+        raise NotImplementedError
+
+
+class SpectrumPlot(_EpochEndPlot):
+    """The Hessian's eigenvalue density at the end of ``epochs`` (stochastic Lanczos quadrature, Ghorbani et al. 2019).
+
+    Logs ``sharpness/negative_fraction`` to every logger, a W&B line plot
+    ``sharpness/spectrum`` (log10 density against eigenvalue), and a figure file
+    ``<log_dir>/sharpness/spectrum_epochNNN.png``; keeps ``(epoch, Spectrum)`` in ``spectra``.
+    On DDP every rank's runs (on its own batch) go into one density; on sharded
+    parameters (FSDP2, tensor parallelism) the density is of the global Hessian, the same
+    on every rank.
+
+    Args:
+        epochs: Epochs at whose end the density is estimated.
+        iters: Lanczos steps (Hessian-vector products) per run.
+        runs: Random start vectors per rank.
+        hvp: The Hessian-vector product backend (``"auto"``, ``"autograd"``, ``"finite_difference"``).
+        loss_fn: ``loss_fn(pl_module, batch) -> loss`` to use instead of ``training_step``.
+        seed: Seed of its own random numbers.
+        probe: The fixed batch to measure on (a SharpnessMonitor's); by default its own
+            (the run's first training batch).
+
+    Examples:
+        >>> from lightning_sam import SpectrumPlot
+        >>> SpectrumPlot(epochs=[0, 9], iters=40).iters
+        40
+    """
+
+    def __init__(
+        self,
+        epochs: Sequence[int],
+        iters: int = 80,
+        runs: int = 1,
+        hvp: str = "auto",
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+        probe: FixedBatchProbe | None = None,
+    ) -> None:
+        super().__init__(_check_epochs("spectrum_epochs", epochs), loss_fn, seed, probe)
+        self.iters, self.runs = _check_count("spectrum_iters", iters), _check_count("spectrum_runs", runs)
+        if hvp not in HVP_BACKENDS:
+            raise MisconfigurationException(f"SharpnessMonitor hvp must be one of {list(HVP_BACKENDS)}, got {hvp!r}.")
+        self.hvp = hvp
+        self.spectra: list[tuple[int, Spectrum]] = []
+
+    def plot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Estimate the density on the fixed batch, then log it; every rank runs this at the same epoch end."""
+        spectrum, error, sharded = None, None, False
+        with self.probe.measuring(pl_module) as (loss_fn, params, generator):
+            sharded = any(isinstance(p, DTensor) for p in params)
+            if not params:
+                return {}
+            try:
+                spectrum = sharpness.hessian_spectrum(
+                    loss_fn, params, iters=self.iters, runs=self.runs, hvp=self.hvp, generator=generator
+                )
+            except (LINALG_ERROR, ValueError) as why:
+                warn_once(self._warned, "spectrum", f"SharpnessMonitor: the spectrum failed here: {why}")
+            except Exception as raised:  # raised below, once every rank knows
+                error = raised
+        if trainer.world_size > 1 and not sharded:  # every rank's runs, fixed shapes: a failed rank sends NaN
+            shape = (self.runs, self.iters)
+            nodes, weights = (
+                (torch.full(shape, torch.nan, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64))
+                if spectrum is None
+                else [
+                    torch.nn.functional.pad(t.double(), (0, self.iters - t.shape[-1]))
+                    for t in (spectrum.nodes, spectrum.weights)
+                ]
+            )
+            gathered = [
+                trainer.strategy.all_gather(t.to(trainer.strategy.root_device)).reshape(-1, self.iters).cpu()
+                for t in (nodes, weights)
+            ]
+            spectrum = None if bool(gathered[0].isnan().any()) else Spectrum(*gathered)
+        fraction = {} if spectrum is None else {"negative_fraction": spectrum.negative_fraction()}
+        logged = log_round(trainer, {"negative_fraction": "mean"}, fraction, error)
+        if spectrum is None:
+            return logged
+        epoch, step = trainer.current_epoch, trainer.global_step
+        self.spectra.append((epoch, spectrum))
+        log_dir = trainer.log_dir  # a collective on DDP (a broadcast of rank zero's): every rank asks
+        if not trainer.is_global_zero:
+            return logged
+        title = f"Hessian eigenvalue density, epoch {epoch}"
+        wandb_logger = find_wandb_logger(trainer.loggers)
+        if wandb_logger is not None:
+            grid, density = density_curve(spectrum)
+            curves = {"log10 density": density.clamp_min(1e-12).log10()}
+            log_line_plot(wandb_logger, "sharpness/spectrum", grid, curves, step, title, xname="Hessian eigenvalue")
+        path = Path(log_dir or trainer.default_root_dir) / "sharpness" / f"spectrum_epoch{epoch:03d}.png"
+        try:
+            save_spectrum_figure({"density": spectrum}, path, title)
+        except ImportError:
+            warn_once(
+                self._warned,
+                "matplotlib",
+                "SharpnessMonitor: the spectrum figure needs matplotlib: pip install matplotlib.",
+            )
+        return logged
+
+
+class LandscapePlot(_EpochEndPlot):
+    """W&B line plots of the loss along the gradient and a random direction, filter-normalized (Li et al. 2018).
+
+    At the end of ``epochs``, ``sharpness/landscape`` shows ``L(w + α d)`` for ``α`` in
+    ``[-radius, radius]``, averaged over ranks; it needs a ``WandbLogger`` (other loggers
+    get nothing) and whole parameters (on FSDP2 or tensor parallelism it is skipped, with one warning).
+
+    Args:
+        epochs: Epochs at whose end the curves are logged.
+        points: Points per curve.
+        radius: The curves span ``[-radius, radius]`` filter-normalized steps.
+        loss_fn: ``loss_fn(pl_module, batch) -> loss`` to use instead of ``training_step``.
+        seed: Seed of its own random numbers.
+        probe: The fixed batch to measure on (a SharpnessMonitor's); by default its own.
+
+    Examples:
+        >>> from lightning_sam import LandscapePlot
+        >>> LandscapePlot(epochs=[9], points=11).points
+        11
+    """
+
+    def __init__(
+        self,
+        epochs: Sequence[int],
+        points: int = 21,
+        radius: float = 1.0,
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+        probe: FixedBatchProbe | None = None,
+    ) -> None:
+        super().__init__(_check_epochs("landscape_epochs", epochs), loss_fn, seed, probe)
+        self.points, self.radius = _check_count("landscape_points", points), radius
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.epochs and find_wandb_logger(trainer.loggers) is None:
+            rank_zero_warn(
+                "SharpnessMonitor(landscape_epochs=...) logs W&B line plots; without a WandbLogger it skips them."
+            )
+
+    def plot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """The two curves on the fixed batch, averaged over ranks, as one W&B line plot."""
+        wandb_logger = find_wandb_logger(trainer.loggers)
+        if wandb_logger is None:
+            return {}
+        with self.probe.measuring(pl_module) as (loss_fn, params, generator):
+            if any(isinstance(p, DTensor) for p in params):
+                warn_once(
+                    self._warned,
+                    "sharded",
+                    "SharpnessMonitor: landscape_epochs is skipped: the parameters are sharded (FSDP2, tensor "
+                    "parallelism) and its filter-normalized random directions need whole ones.",
+                )
+                return {}
+            if not params:
+                return {}
+            grads = sharpness.gradients(loss_fn(), params)
+            randoms = [torch.randn(p.shape, generator=generator).to(p) for p in params]
+            alphas = torch.linspace(-self.radius, self.radius, self.points)
+            curves: Tensor = torch.stack(
+                [
+                    sharpness.loss_along(loss_fn, params, sharpness.filter_normalized(d, params), alphas)
+                    for d in (grads, randoms)
+                ]
+            )
+        curves = trainer.strategy.reduce(curves.float(), reduce_op="mean")
+        if trainer.is_global_zero:
+            log_line_plot(
+                wandb_logger,
+                "sharpness/landscape",
+                alphas,
+                {"gradient direction": curves[0].cpu(), "random direction": curves[1].cpu()},
+                step=trainer.global_step,
+                title=f"Loss along filter-normalized directions, epoch {trainer.current_epoch}",
+                xname="step along the filter-normalized direction",
+            )
+        return {}
