@@ -27,7 +27,7 @@ from lightning_sam.functional import grad_norm_squared, perturb_, restore_
 from lightning_sam.hessian import HVP_BACKENDS, TopEigenpairs, loss_gradient
 from lightning_sam.optimizer import SAM
 from lightning_sam.policy import Policy
-from lightning_sam.stability import NoStateYet, StepRule, step_rule
+from lightning_sam.stability import NoStateYet, StepRule, base_of, step_rule
 
 __all__ = [
     "MEASURES",
@@ -387,7 +387,7 @@ def _critical_sharpness(step: TrainingStep) -> dict[str, Tensor]:
     """
     if step.optimizer is None or step.before is None:
         raise NotThisStep  # at the end of training: no update to look along
-    lrs = {float(g["lr"]) for g in _base(step.optimizer).param_groups if g["params"]}
+    lrs = {float(g["lr"]) for g in base_of(step.optimizer).param_groups if g["params"]}
     if len(lrs) != 1:
         raise Unavailable(f"the parameter groups have different learning rates ({sorted(lrs)}): it needs one.")
     lr = lrs.pop()
@@ -410,10 +410,6 @@ def _critical_sharpness(step: TrainingStep) -> dict[str, Tensor]:
 def _whole(value: Tensor) -> Tensor:
     """A sum over sharded tensors (a DTensor) as one plain tensor, the same on every rank."""
     return value.full_tensor() if isinstance(value, DTensor) else value
-
-
-def _base(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
 
 
 def _keys(*keys: str, **reductions: Reduction) -> Callable[[Any], dict[str, Reduction]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,7 +22,8 @@ from typing_extensions import override
 from lightning_sam import sharpness
 from lightning_sam._measuring import LINALG_ERROR, FixedBatchProbe, LossFn, log_round, warn_once
 from lightning_sam.figures import density_curve, save_spectrum_figure
-from lightning_sam.hessian import HVP_BACKENDS, Spectrum
+from lightning_sam.hessian import Spectrum
+from lightning_sam.measures import Setting
 from lightning_sam.wandb_integration import find_wandb_logger, log_line_plot
 
 __all__ = ["LandscapePlot", "SpectrumPlot"]
@@ -34,9 +35,10 @@ def _check_epochs(name: str, epochs: Sequence[int]) -> tuple[int, ...]:
     return tuple(epochs)
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MisconfigurationException(f"SharpnessMonitor {name} must be a positive integer, got {value!r}.")
+def _checked(name: str, value: Any, kind: Literal["count", "hvp"]) -> Any:
+    """``value`` if it is a valid setting of its kind (the monitor's own rules), else one clear error."""
+    if (why := Setting(value, kind).check(name, value)) is not None:
+        raise MisconfigurationException(why)
     return value
 
 
@@ -117,10 +119,8 @@ class SpectrumPlot(_EpochEndPlot):
         probe: FixedBatchProbe | None = None,
     ) -> None:
         super().__init__(_check_epochs("spectrum_epochs", epochs), loss_fn, seed, probe)
-        self.iters, self.runs = _check_count("spectrum_iters", iters), _check_count("spectrum_runs", runs)
-        if hvp not in HVP_BACKENDS:
-            raise MisconfigurationException(f"SharpnessMonitor hvp must be one of {list(HVP_BACKENDS)}, got {hvp!r}.")
-        self.hvp = hvp
+        self.iters, self.runs = _checked("spectrum_iters", iters, "count"), _checked("spectrum_runs", runs, "count")
+        self.hvp = _checked("hvp", hvp, "hvp")
         self.spectra: list[tuple[int, Spectrum]] = []
 
     def plot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -211,7 +211,7 @@ class LandscapePlot(_EpochEndPlot):
         probe: FixedBatchProbe | None = None,
     ) -> None:
         super().__init__(_check_epochs("landscape_epochs", epochs), loss_fn, seed, probe)
-        self.points, self.radius = _check_count("landscape_points", points), radius
+        self.points, self.radius = _checked("landscape_points", points, "count"), radius
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lightning_sam.optimizer import SAM
 
-__all__ = ["NoStateYet", "StepRule", "step_rule"]
+__all__ = ["NoStateYet", "StepRule", "base_of", "step_rule"]
 
 
 class NoStateYet(ValueError):
@@ -60,7 +60,8 @@ class StepRule:
     lr: float | None
 
 
-def _base(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def base_of(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that steps: a SAM's base optimizer, else the optimizer itself."""
     return optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
 
 
@@ -149,7 +150,7 @@ def step_rule(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Ste
         >>> round(rule.edge, 6), rule.lr, rule.preconditioner is None
         (3.8, 0.1, True)
     """
-    base = _base(optimizer)
+    base = base_of(optimizer)
     groups = [g for g in base.param_groups if g["params"]]
     edges_lrs = [_edge_and_lr(base, g) for g in groups]
     edge = _uniform("momentum", [round(e, 12) for e, _ in edges_lrs], "momenta (so different edges)")

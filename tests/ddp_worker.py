@@ -152,14 +152,9 @@ def _spectrum_failing_on_rank_one(*args: Any, **kwargs: Any) -> Any:
     return _SPECTRUM(*args, **kwargs)
 
 
-def failing_on_rank_one(out_dir: Path, raises: bool) -> None:
-    """A fit whose measures (a registry entry, the spectrum) fail on rank 1 only: no rank may wait for the other."""
-    name = "rank_one_raises" if raises else "rank_one_only"
-    MEASURES[name] = Measure(
-        _rank_one_raises if raises else _rank_one_only, per_step=False, keys=lambda _: {name: "mean"}
-    )
-    monitor = RecordingMonitor(measures=["grad_norm", "hessian_max_eig", name])
-    fit = trainer(
+def monitored_trainer(monitor: SharpnessMonitor, out_dir: Path) -> pl.Trainer:
+    """A 2-process DDP Trainer logging every step to a CSV logger, with ``monitor``."""
+    return trainer(
         strategy="ddp",
         devices=2,
         callbacks=[monitor],
@@ -167,6 +162,16 @@ def failing_on_rank_one(out_dir: Path, raises: bool) -> None:
         logger=CSVLogger(out_dir, name="csv"),
         log_every_n_steps=1,
     )
+
+
+def failing_on_rank_one(out_dir: Path, raises: bool) -> None:
+    """A fit whose measures (a registry entry, the spectrum) fail on rank 1 only: no rank may wait for the other."""
+    name = "rank_one_raises" if raises else "rank_one_only"
+    MEASURES[name] = Measure(
+        _rank_one_raises if raises else _rank_one_only, per_step=False, keys=lambda _: {name: "mean"}
+    )
+    monitor = RecordingMonitor(measures=["grad_norm", "hessian_max_eig", name])
+    fit = monitored_trainer(monitor, out_dir)
     error = None
     with patch.object(plots.sharpness, "hessian_spectrum", _spectrum_failing_on_rank_one):
         try:
@@ -202,14 +207,7 @@ def run(mode: str, out_dir: Path) -> None:
     torch.manual_seed(0)
     if mode == "monitor":
         monitor = RecordingMonitor()
-        fit = trainer(
-            strategy="ddp",
-            devices=2,
-            callbacks=[monitor],
-            use_distributed_sampler=False,
-            logger=CSVLogger(out_dir, name="csv"),
-            log_every_n_steps=1,
-        )
+        fit = monitored_trainer(monitor, out_dir)
         fit.fit(SAMNet(), datamodule=RankData())
         result = {
             "local": monitor.local,

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from ddp_worker import SAM_MODES
-from helpers import Net, dataset, flat_params
+from helpers import Net, dataset, flat_params, run_worker
 from torch import nn
 
 from lightning_sam import LookSAM, SAMStep
@@ -43,16 +40,7 @@ ALL_MODES = [
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every mode, one after the other in one 2-process group (one start-up for all of them)."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(HERE / "ddp_worker.py"), str(out_dir), *ALL_MODES],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    run_worker(HERE / "ddp_worker.py", str(out_dir), *ALL_MODES)
     return out_dir
 
 

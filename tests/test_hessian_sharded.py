@@ -8,14 +8,12 @@ random vectors are the ones one process draws, cut into shards). One worker laun
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import run_worker
 from hessian_sharded_worker import (
     MAX_ITERS,
     TOL,
@@ -38,16 +36,7 @@ MODES = ["fsdp2", "tensor_parallel"]
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("hessian_sharded")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(HERE / "hessian_sharded_worker.py"), str(out_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    run_worker(HERE / "hessian_sharded_worker.py", str(out_dir))
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

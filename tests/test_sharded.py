@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Net, SAMNet, dataset, flat_params, loader, trainer
+from helpers import Net, SAMNet, dataset, flat_params, loader, run_worker, trainer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -51,16 +51,7 @@ MODES = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("sharded")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(HERE / "sharded_worker.py"), str(out_dir), *MODES],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    run_worker(HERE / "sharded_worker.py", str(out_dir), *MODES)
     return out_dir
 
 
