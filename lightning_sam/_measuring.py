@@ -124,7 +124,9 @@ def log_round(
     knows, it is raised here and a ``MeasureFailed`` on the others, instead of a hang.
     """
     names = sorted(keys)
-    if not names:
+    if not names:  # the same on every rank: none enters a collective
+        if error is not None:
+            raise error
         return {}
     device = trainer.strategy.root_device
     world = trainer.world_size
@@ -240,8 +242,6 @@ class Outcomes:
                     warn_once(self.warned, f"{name}:untrusted", f"SharpnessMonitor: {name}: {untrusted}")
                 except (NotThisStep, LINALG_ERROR):
                     pass
-                except MisconfigurationException:
-                    raise
                 except Exception as error:  # raised once every rank knows (log_round): no hang
                     if f"{name}:error" not in self.warned:  # on the rank where it happened: it may be the only one
                         self.warned.add(f"{name}:error")

@@ -30,6 +30,7 @@ from lightning_sam.measures import (
     intervals,
 )
 from lightning_sam.plots import LandscapePlot, SpectrumPlot
+from lightning_sam.stability import base_of
 from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb_logger
 
 __all__ = ["SharpnessMonitor"]
@@ -202,7 +203,8 @@ class SharpnessMonitor(Callback):
         self._pending: dict[str, Tensor] = {}
         self._batch: Any = None
         self._batch_rng: Any = None
-        self._before_update: list[Tensor] | None = None  # the weights before a step whose update is measured
+        # The weights and learning rates before a step whose update is measured.
+        self._before_update: tuple[list[Tensor], list[float]] | None = None
         self._outcomes = Outcomes(on_fallback=self._finite_differences_from_now_on)
         self._state_key: str | None = None
         self._log_now = False
@@ -254,12 +256,19 @@ class SharpnessMonitor(Callback):
         # Sharded warm starts go whole into the checkpoint (a collective: Lightning asks every rank), and come back
         # as whole tensors, which the estimators cut into this rank's shard.
         whole = apply_to_collection(self.estimator_state, DTensor, lambda t: t.full_tensor())
-        return {"last_step": dict(self.last_step), "estimator_state": whole, **self.probe.state_dict()}
+        return {
+            "last_step": dict(self.last_step),
+            "estimator_state": whole,
+            "hvp": self.hvp,  # after a fallback: finite differences, without trying double backward again
+            **self.probe.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._schedule.restart(state_dict["last_step"])
         self.estimator_state = dict(state_dict.get("estimator_state", {}))
+        if self.hvp == "auto" and state_dict.get("hvp") == "finite_difference":
+            self._finite_differences_from_now_on()
         if state_dict.get("eigenvector") is not None:  # checkpoints before 0.3 kept hessian_max_eig's vector alone
             self.estimator_state["eigenvectors"] = [state_dict["eigenvector"]]
         self.probe.load_state_dict(state_dict)
@@ -297,20 +306,24 @@ class SharpnessMonitor(Callback):
     ) -> None:
         self._batch = batch
         self._log_now = lightning_logs_this_batch(trainer)
-        replayed = (self._log_now and "first_order" in self.measures) or self._update_due(trainer)
+        # A manual training step may step each of its optimizers: the global step may rise by that many.
+        ahead = max(1, len(trainer.optimizers)) if not pl_module.automatic_optimization else 1
+        replayed = (self._log_now and "first_order" in self.measures) or self._update_due(trainer, ahead)
         self._batch_rng = rng_state(generators_of(pl_module)) if replayed else None
         self.probe.capture(trainer, batch)
 
-    def _update_due(self, trainer: pl.Trainer) -> bool:
-        """Whether a measure of the coming optimizer step's update is due after it."""
-        return any(MEASURES[m].needs_update for m in self._schedule.due(trainer.global_step + 1))
+    def _update_due(self, trainer: pl.Trainer, ahead: int = 1) -> bool:
+        """Whether a measure of an update is due after one of the coming ``ahead`` optimizer steps."""
+        return any(MEASURES[m].needs_update for m in self._schedule.due(trainer.global_step + ahead))
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._update_due(trainer):
-            self._before_update = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+            weights = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+            lrs = [float(g["lr"]) for g in base_of(optimizer).param_groups if g["params"]]
+            self._before_update = weights, lrs
         if not self._log_now or not self._per_step:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -373,7 +386,7 @@ class SharpnessMonitor(Callback):
     ) -> tuple[dict[str, Reduction], dict[str, Tensor], BaseException | None]:
         """The due measures of the last update, on the batch it came from (in its mode, with its random numbers)."""
         due = [m for m in due if MEASURES[m].needs_update]
-        before, self._before_update = self._before_update, None
+        before, self._before_update = self._before_update or (None, None), None
         keys: dict[str, Reduction] = {k: r for m in due for k, r in MEASURES[m].keys(self).items()}
         values: dict[str, Tensor] = {}
         if not due:
@@ -392,7 +405,8 @@ class SharpnessMonitor(Callback):
             sam_stats=getattr(pl_module, "sam_stats", None),
             optimizer=trainer.optimizers[0] if trainer.optimizers else None,
             settings=self,
-            before=before,
+            before=before[0],
+            lrs=before[1],
             state=self.estimator_state.setdefault("update", {}),
         )
         for name in due:

@@ -27,7 +27,7 @@ from lightning_sam.functional import grad_norm_squared, perturb_, restore_
 from lightning_sam.hessian import HVP_BACKENDS, TopEigenpairs, loss_gradient
 from lightning_sam.optimizer import SAM
 from lightning_sam.policy import Policy
-from lightning_sam.stability import NoStateYet, StepRule, base_of, step_rule
+from lightning_sam.stability import NoStateYet, StepRule, step_rule
 
 __all__ = [
     "MEASURES",
@@ -153,6 +153,7 @@ class TrainingStep:
     optimizer: torch.optim.Optimizer | None
     settings: Any  # the SharpnessMonitor: rho
     before: list[Tensor] | None = None  # after the step (``needs_update``): the weights before it; params are after
+    lrs: list[float] | None = None  # with ``before``: the base optimizer's group learning rates the step used
     state: dict[str, Any] = field(default_factory=dict)  # kept across calls and checkpoints
 
 
@@ -307,23 +308,30 @@ def _preconditioned_max_eig(batch: FixedBatch) -> dict[str, Tensor]:
     )
 
 
-def _step_sharpness(batch: FixedBatch, rule: StepRule) -> tuple[Tensor, dict[str, Tensor]]:
+def _step_sharpness(batch: FixedBatch, rule: StepRule) -> tuple[Tensor, TopEigenpairs | None]:
     """``λ_max(S H)``, reusing this round's ``λ_max(H)`` (SGD) or ``λ_max(P⁻¹H)`` when there is one learning rate.
 
-    Returns the value and its residual (none when reused: the eigenvalue logs its own).
+    Returns the value and its eigenpair estimate (None when reused: the eigenvalue logs its own residual).
     """
     measured = "hessian_max_eig" if rule.preconditioner is None else "preconditioned_max_eig"
     if rule.lr is not None and measured in batch.values:
-        return batch.values[measured] * rule.lr, {}
+        return batch.values[measured] * rule.lr, None
     top = _top_eigs(batch, 1, "eos_eigenvectors", rule.step_preconditioner)
-    return top.eigenvalues[0], {"residual": top.residuals[0]}
+    return top.eigenvalues[0], top
+
+
+def _ratio(name: str, value: Tensor, top: TopEigenpairs | None) -> dict[str, Tensor]:
+    """``{name: value}`` with its own residual when it was estimated here (``Untrusted`` where that is no error bar)."""
+    if top is None:
+        return {name: value}
+    return _with_residuals(top, {name: value}, {f"{name}_residual": top.residuals[0]})
 
 
 def _eos_ratio(batch: FixedBatch) -> dict[str, Tensor]:
     """``λ_max(S H)/c``: the sharpness of the base optimizer's step over its edge of stability."""
     rule = _rule(batch)
-    value, residual = _step_sharpness(batch, rule)
-    return {"eos_ratio": value / rule.edge, **{f"eos_ratio_{k}": v for k, v in residual.items()}}
+    value, top = _step_sharpness(batch, rule)
+    return _ratio("eos_ratio", value / rule.edge, top)
 
 
 def _sam_eos_ratio(batch: FixedBatch) -> dict[str, Tensor]:
@@ -333,6 +341,8 @@ def _sam_eos_ratio(batch: FixedBatch) -> dict[str, Tensor]:
     the plain one, so the step is stable while ``lr·(1 + rho·λ/‖g‖)·λ < c`` (``c = 2`` for
     gradient descent, the base optimizer's ``c`` with momentum): the edge is
     ``λ* = ‖g‖/(2 rho) · (√(1 + 4c·rho/(lr·‖g‖)) − 1)``, below the base optimizer's ``c/lr``.
+    At ``‖g‖ = 0`` (a stationary point) SAM's step does not move and the edge is undefined:
+    nothing is logged then.
     """
     sam = _sam(batch.optimizer)
     if sam is None:
@@ -346,14 +356,16 @@ def _sam_eos_ratio(batch: FixedBatch) -> dict[str, Tensor]:
     if rule.lr is None:
         raise Unavailable("the parameter groups have different learning rates: SAM's edge needs one.")
     rho = float(_one(sam, "rho"))
-    value, residual = _step_sharpness(batch, rule)
+    value, top = _step_sharpness(batch, rule)
     sharp = value / rule.lr
-    norm = _whole(grad_norm_squared(batch.params, loss_gradient(batch.loss_fn, batch.params))).sqrt()
     if rho == 0:
         edge = torch.as_tensor(rule.edge / rule.lr, dtype=sharp.dtype, device=sharp.device)
     else:
+        norm = _whole(grad_norm_squared(batch.params, loss_gradient(batch.loss_fn, batch.params))).sqrt()
+        if not bool(norm > 0):
+            raise NotThisStep  # a stationary point of the fixed batch: SAM's edge is undefined there
         edge = norm / (2 * rho) * ((1 + 4 * rule.edge * rho / (rule.lr * norm)).sqrt() - 1)
-    return {"sam_eos_ratio": sharp / edge, **{f"sam_eos_ratio_{k}": v for k, v in residual.items()}}
+    return _ratio("sam_eos_ratio", sharp / edge, top)
 
 
 def _hessian_trace(batch: FixedBatch) -> dict[str, Tensor]:
@@ -385,9 +397,9 @@ def _critical_sharpness(step: TrainingStep) -> dict[str, Tensor]:
     (the weights are back at ``w_after`` afterwards, bitwise), warm-started from the last
     call's ``η_c`` as Kalra et al. do.
     """
-    if step.optimizer is None or step.before is None:
+    if step.before is None or step.lrs is None:
         raise NotThisStep  # at the end of training: no update to look along
-    lrs = {float(g["lr"]) for g in base_of(step.optimizer).param_groups if g["params"]}
+    lrs = set(step.lrs)  # as the step used them: a per-step LR scheduler has stepped since
     if len(lrs) != 1:
         raise Unavailable(f"the parameter groups have different learning rates ({sorted(lrs)}): it needs one.")
     lr = lrs.pop()

@@ -15,12 +15,11 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_sam import sharpness
-from lightning_sam._measuring import LINALG_ERROR, FixedBatchProbe, LossFn, log_round, warn_once
+from lightning_sam._measuring import LINALG_ERROR, FixedBatchProbe, LossFn, MeasureFailed, log_round, warn_once
 from lightning_sam.figures import density_curve, save_spectrum_figure
 from lightning_sam.hessian import Spectrum
 from lightning_sam.measures import Setting
@@ -236,16 +235,28 @@ class LandscapePlot(_EpochEndPlot):
                 return {}
             if not params:
                 return {}
-            grads = sharpness.gradients(loss_fn(), params)
-            randoms = [torch.randn(p.shape, generator=generator).to(p) for p in params]
             alphas = torch.linspace(-self.radius, self.radius, self.points)
-            curves: Tensor = torch.stack(
-                [
-                    sharpness.loss_along(loss_fn, params, sharpness.filter_normalized(d, params), alphas)
-                    for d in (grads, randoms)
-                ]
-            )
-        curves = trainer.strategy.reduce(curves.float(), reduce_op="mean")
+            curves, error = torch.zeros(2, self.points), None
+            try:
+                grads = sharpness.gradients(loss_fn(), params)
+                randoms = [torch.randn(p.shape, generator=generator).to(p) for p in params]
+                curves = torch.stack(
+                    [
+                        sharpness.loss_along(loss_fn, params, sharpness.filter_normalized(d, params), alphas)
+                        for d in (grads, randoms)
+                    ]
+                )
+            except Exception as raised:  # raised below, once every rank knows
+                error = raised
+        # One reduce carries the curves and whether some rank failed: a failure raises on every rank, none waits.
+        failed = torch.tensor([float(error is not None)])
+        device = trainer.strategy.root_device
+        summed = trainer.strategy.reduce(
+            torch.cat([curves.float().flatten().cpu(), failed]).to(device), reduce_op="sum"
+        )
+        if float(summed[-1]) > 0:
+            raise error or MeasureFailed("SharpnessMonitor: the landscape failed on another rank (see its log).")
+        curves = (summed[:-1] / trainer.world_size).view(2, self.points)
         if trainer.is_global_zero:
             log_line_plot(
                 wandb_logger,

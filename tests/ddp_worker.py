@@ -18,6 +18,7 @@ import torch
 from helpers import Net, SAMNet, dataset, flat_params, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_sam import SAM, LookSAM, SAMStep, SharpnessMonitor, plots, sharpness
 from lightning_sam.measures import MEASURES, FixedBatch, Measure, Unavailable
@@ -137,9 +138,9 @@ def _rank_one_only(batch: FixedBatch) -> dict[str, torch.Tensor]:
 
 
 def _rank_one_raises(batch: FixedBatch) -> dict[str, torch.Tensor]:
-    """A measure that raises on rank 1 only."""
+    """A measure that raises on rank 1 only: a configuration error, which a measure raises as any other."""
     if torch.distributed.get_rank() == 1:
-        raise RuntimeError("rank 1's measure broke")
+        raise MisconfigurationException("rank 1's measure broke")
     return {"rank_one_raises": batch.loss_fn()}
 
 
@@ -174,13 +175,41 @@ def failing_on_rank_one(out_dir: Path, raises: bool) -> None:
     fit = monitored_trainer(monitor, out_dir)
     error = None
     with patch.object(plots.sharpness, "hessian_spectrum", _spectrum_failing_on_rank_one):
-        try:
-            fit.fit(SAMNet(), datamodule=RankData())
-        except RuntimeError as raised:
-            error = f"{type(raised).__name__}: {raised}"
+        error = fit_catching(fit, SAMNet())
     del MEASURES[name]
     result = {"history": monitor.history, "error": error, "global_step": fit.global_step}
     torch.save(result, out_dir / f"rank{fit.global_rank}.pt")
+
+
+def fit_catching(fit: pl.Trainer, module: pl.LightningModule) -> str | None:
+    """Fit on `RankData`; what it raised, as ``"Type: message"``, or None."""
+    try:
+        fit.fit(module, datamodule=RankData())
+    except Exception as raised:
+        return f"{type(raised).__name__}: {raised}"
+    return None
+
+
+_LOSS_ALONG = sharpness.loss_along
+
+
+def _loss_along_failing_on_rank_one(*args: Any, **kwargs: Any) -> Any:
+    if torch.distributed.get_rank() == 1:
+        raise RuntimeError("rank 1's landscape broke")
+    return _LOSS_ALONG(*args, **kwargs)
+
+
+def landscape_failing_on_rank_one(out_dir: Path) -> None:
+    """The landscape plot fails on rank 1 at the end of epoch 0 (a W&B logger stands in): both ranks must raise."""
+    monitor = RecordingMonitor(measures=["grad_norm"], landscape_epochs=[0], landscape_points=3)
+    fit = monitored_trainer(monitor, out_dir)
+    with (
+        patch.object(plots, "find_wandb_logger", lambda loggers: object()),
+        patch.object(plots, "log_line_plot", lambda *args, **kwargs: None),
+        patch.object(plots.sharpness, "loss_along", _loss_along_failing_on_rank_one),
+    ):
+        error = fit_catching(fit, SAMNet())
+    torch.save({"error": error}, out_dir / f"rank{fit.global_rank}.pt")
 
 
 class SaveParams(Callback):
@@ -273,6 +302,9 @@ def main(out_dir: Path, modes: list[str]) -> None:
     for mode in modes:
         if mode == "plain_loop":
             plain_loop(out_dir / mode)
+        elif mode == "landscape_fails_on_rank_one_raises":
+            (out_dir / mode).mkdir(parents=True, exist_ok=True)
+            landscape_failing_on_rank_one(out_dir / mode)
         elif mode.startswith("monitor_fails_on_rank_one"):
             (out_dir / mode).mkdir(parents=True, exist_ok=True)
             failing_on_rank_one(out_dir / mode, raises=mode.endswith("raises"))

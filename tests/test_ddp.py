@@ -32,7 +32,8 @@ ALL_MODES = [
     "named_training_step",
     "monitor_fails_on_rank_one",
     "plain_loop",  # it runs in the process group that the fits made
-    "monitor_fails_on_rank_one_raises",  # last: a fit that ends in an error
+    "landscape_fails_on_rank_one_raises",  # fits that end in an error: both ranks raise at the same point
+    "monitor_fails_on_rank_one_raises",
 ]
 
 
@@ -273,5 +274,11 @@ def test_a_measure_missing_on_one_rank_is_missing_on_all_and_nobody_waits(ddp_ru
 
 def test_a_measure_raising_on_one_rank_raises_on_every_rank_instead_of_a_hang(ddp_runs: Path) -> None:
     ranks = ranks_of(ddp_runs, "monitor_fails_on_rank_one_raises")
-    assert ranks[1]["error"] == "RuntimeError: rank 1's measure broke"
+    assert ranks[1]["error"] == "MisconfigurationException: rank 1's measure broke"
+    assert ranks[0]["error"] is not None and ranks[0]["error"].startswith("MeasureFailed"), ranks[0]["error"]
+
+
+def test_a_landscape_failing_on_one_rank_raises_on_every_rank_instead_of_a_hang(ddp_runs: Path) -> None:
+    ranks = ranks_of(ddp_runs, "landscape_fails_on_rank_one_raises")
+    assert ranks[1]["error"] == "RuntimeError: rank 1's landscape broke"
     assert ranks[0]["error"] is not None and ranks[0]["error"].startswith("MeasureFailed"), ranks[0]["error"]

@@ -228,6 +228,24 @@ def test_models_without_double_backward_fall_back_to_finite_differences_with_one
         SharpnessMonitor(hvp="double")
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+def test_a_resumed_fit_keeps_the_finite_difference_fallback_without_trying_again(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=2)
+    logger = csv_logger(tmp_path)
+    fit = trainer(max_epochs=1, precision="64-true", logger=logger, callbacks=[first, ckpt], enable_checkpointing=True)
+    with pytest.warns(RuntimeWarning, match="fall back to finite differences"):
+        fit.fit(NoDoubleBackward().double(), loader())
+    second = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=2)
+    resumed = trainer(max_epochs=2, precision="64-true", logger=csv_logger(tmp_path), callbacks=[second])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.fit(NoDoubleBackward().double(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second.hvp == "finite_difference"
+    assert not [w for w in caught if "finite differences" in str(w.message)], "not tried (and warned) again"
+    assert "sharpness/hessian_max_eig" in second.last_values
+
+
 # 2. It only observes ------------------------------------------------------------------------------------------------
 
 
@@ -730,6 +748,37 @@ def test_sam_eos_ratio_is_the_top_eigenvalue_over_sams_edge(tmp_path: Path) -> N
     assert edge < 2 / 0.5, "SAM's edge lies below gradient descent's"
 
 
+def test_edge_ratios_with_inexact_products_past_the_bound_drop_their_residual(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_sam.measures
+
+    monkeypatch.setattr(lightning_sam.measures, "FD_TRUSTED_BOUND", 0.0)  # every finite-difference bound is past it
+    monitor = SharpnessMonitor(measures=["eos_ratio", "sam_eos_ratio"], every_n_steps=4, hvp="finite_difference")
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=4, max_epochs=-1, logger=csv_logger(tmp_path), callbacks=[monitor]).fit(
+            QuadraticSAM(), loader()
+        )
+    messages = [str(w.message) for w in caught]
+    for key in ("eos_ratio", "sam_eos_ratio"):
+        assert f"sharpness/{key}" in monitor.last_values, key
+        assert f"sharpness/{key}_residual" not in monitor.last_values, key
+        assert any(key in m and "without its residual" in m for m in messages), (key, messages)
+
+
+def test_sam_eos_ratio_at_a_stationary_point_logs_nothing(tmp_path: Path) -> None:
+    class Stationary(QuadraticSAM):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return 0.0 * super().training_step(batch, batch_idx)  # every gradient is zero
+
+    monitor = SharpnessMonitor(measures=["sam_eos_ratio"], every_n_steps=2, eig_iters=5)
+    trainer(max_steps=2, max_epochs=-1, logger=csv_logger(tmp_path), callbacks=[monitor]).fit(Stationary(), loader())
+    assert "sharpness/sam_eos_ratio" not in monitor.last_values
+    assert all(math.isfinite(v) for v in monitor.last_values.values()), monitor.last_values
+
+
 def test_sam_eos_ratio_of_a_plain_optimizer_is_skipped_with_a_reason(tmp_path: Path) -> None:
     monitor = SharpnessMonitor(measures=["sam_eos_ratio", "eos_ratio"], every_n_steps=2)
     with pytest.warns(RuntimeWarning, match="sam_eos_ratio is skipped: the optimizer is not a SAM"):
@@ -780,49 +829,99 @@ def test_looksam_logs_first_order_on_every_logged_step_from_the_plain_gradient(t
 
 
 class BeforeAndBatch(pl.Callback):
-    """The weights before each optimizer step and its batch, for an independent line search."""
+    """The weights, the batch and the random state before each batch, for an independent line search."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[list[torch.Tensor], Any]] = []
+        self.rows: list[tuple[list[torch.Tensor], Any, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        self.rows.append(([p.detach().clone() for p in pl_module.parameters()], batch))
+        self.rows.append(([p.detach().clone() for p in pl_module.parameters()], batch, torch.get_rng_state()))
 
 
-@pytest.mark.parametrize("module_cls", [Net, SAMNet])
+def dense_critical_sharpness(
+    probe: nn.Module, before: list[torch.Tensor], after: list[torch.Tensor], lr: float, batch: Any, rng: torch.Tensor
+) -> float:
+    """The oracle: 2/η for the first η that raises L(w_before − η u), u = (w_before − w_after)/lr, on a fine grid;
+    each loss with the batch's random state (dropout), in the probe's mode."""
+    x, y = batch
+    u = [(b - a) / lr for b, a in zip(before, after, strict=True)]
+
+    def loss_at(eta: float) -> torch.Tensor:
+        for p, b, d in zip(probe.parameters(), before, u, strict=True):
+            p.copy_(b - eta * d)
+        torch.set_rng_state(rng)
+        return nn.functional.cross_entropy(probe(x), y)
+
+    with torch.no_grad():
+        base = loss_at(0.0)
+        coarse = torch.logspace(-4, 3, 1600).tolist()  # steps of 1%, then 1000 points between the last two
+        first = next((i for i, eta in enumerate(coarse) if loss_at(eta) > base), None)
+        assert first is not None and first > 0
+        fine = torch.linspace(coarse[first - 1], coarse[first], 1000).tolist()
+        return 2 / next(eta for eta in fine if loss_at(eta) > base)
+
+
+def halving_every_step(optimizer: torch.optim.Optimizer) -> Any:
+    return {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5), "interval": "step"}
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "scheduler"), [(Net, None), (SAMNet, None), (Net, halving_every_step), (SAMNet, halving_every_step)]
+)
 def test_critical_sharpness_is_the_first_rise_along_the_update_found_by_a_dense_line_search(
-    module_cls: type[Net], tmp_path: Path
+    module_cls: type[Net], scheduler: Any, tmp_path: Path
 ) -> None:
     monitor = StepsMeasured(measures=["critical_sharpness"], every_n_steps=3)
     seen = BeforeAndBatch()
     torch.manual_seed(0)
-    module = module_cls(momentum=0.0)
+    module = module_cls(momentum=0.0, scheduler=scheduler)
+    lr = 0.1 if scheduler is None else 0.1 * 0.5**5  # step 6's: the scheduler has stepped once more by its end
     fit = trainer(max_steps=6, max_epochs=-1, logger=csv_logger(tmp_path), callbacks=[seen, monitor])
     fit.fit(module, loader())
     assert monitor.steps_of("critical_sharpness") == [3, 6], "its own steps; none at the end (no update to follow)"
     logged = [values["critical_sharpness"] for _, values in monitor.rows]
-    # Oracle for step 6: L(w_before − η u) on the batch it trained on, u = (w_before − w_after)/lr, on a fine grid.
-    before, (x, y) = seen.rows[5]
+    before, batch, rng = seen.rows[5]
     after = [p.detach().clone() for p in module.parameters()]
-    u = [(b - a) / 0.1 for b, a in zip(before, after, strict=True)]
-    probe = Net(momentum=0.0)
-
-    def rises(eta: float) -> bool:
-        for p, b, d in zip(probe.parameters(), before, u, strict=True):
-            p.copy_(b - eta * d)
-        return bool(nn.functional.cross_entropy(probe(x), y) > base)
-
-    with torch.no_grad():
-        for p, b in zip(probe.parameters(), before, strict=True):
-            p.copy_(b)
-        base = nn.functional.cross_entropy(probe(x), y)
-        coarse = torch.logspace(-4, 3, 1600).tolist()  # steps of 1%, then 1000 points between the last two
-        first = next((i for i, eta in enumerate(coarse) if rises(eta)), None)
-        assert first is not None and first > 0
-        rose = next(eta for eta in torch.linspace(coarse[first - 1], coarse[first], 1000).tolist() if rises(eta))
-    assert rose is not None
-    assert logged[-1] == pytest.approx(2 / rose, rel=0.05 + 1e-4 * 2), "within the search's rtol"
+    expected = dense_critical_sharpness(Net(momentum=0.0), before, after, lr, batch, rng)
+    assert logged[-1] == pytest.approx(expected, rel=0.05 + 1e-4 * 2), "within the search's rtol"
     assert flat_params(module).equal(torch.cat([a.flatten() for a in after])), "weights back at w_after"
+
+
+class TwoOptimizers(Net):
+    """Manual optimization, two optimizers each stepped once per batch (the global step rises by 2), with dropout."""
+
+    def __init__(self) -> None:
+        super().__init__(momentum=0.0, dropout=0.5)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        for optimizer in self.optimizers():  # type: ignore[union-attr]
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.2), torch.optim.SGD(self.net[-1].parameters(), lr=0.2)]
+
+
+def test_critical_sharpness_when_a_batch_takes_two_optimizer_steps_replays_its_dropout(tmp_path: Path) -> None:
+    def loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+    monitor = StepsMeasured(measures=["critical_sharpness"], every_n_steps=4, loss_fn=loss_fn)
+    seen = BeforeAndBatch()
+    torch.manual_seed(0)
+    module = TwoOptimizers()
+    trainer(max_steps=4, max_epochs=-1, logger=csv_logger(tmp_path), callbacks=[seen, monitor]).fit(module, loader())
+    assert monitor.steps_of("critical_sharpness") == [4]
+    # Step 4 is the second optimizer's step of batch 2: along the last layer's update, in train mode, batch 2's mask.
+    before_first, batch, rng = seen.rows[1]
+    after = [p.detach().clone() for p in module.parameters()]
+    before = after[:2] + before_first[2:]  # the first optimizer had stepped: only the last layer moved since
+    probe = Net(momentum=0.0, dropout=0.5).train()
+    expected = dense_critical_sharpness(probe, before, after, 0.2, batch, rng)
+    assert monitor.rows[-1][1]["critical_sharpness"] == pytest.approx(expected, rel=0.05 + 1e-4 * 2)
 
 
 class TinyTransformer(pl.LightningModule):
