@@ -1,12 +1,20 @@
-"""Accuracy against cost for SGD, SAM, ASAM and every variant, measured side by side in one run.
+"""Accuracy against cost for SGD, SAM, ASAM and every variant, measured side by side in one run; at equal epochs and at
+equal compute.
 
 Accuracy: the clean test accuracy on scikit-learn's digits with 40% noisy training labels (the demo's task: a
 64-256-256-10 MLP, SGD with momentum, 40 epochs, batch 32), for each seed. Cost: the mean step time over 40 steps
 (so that every kind of step of a periodic method is in it) of each method divided by that of plain SGD measured
 just before it, on the 784-1024-1024-10 MLP at batch 128, in plain loops driven by ``SAMStep``; the median of the
-rounds. Writes the accuracy-against-cost figure with ``--figure``.
+rounds; and each method's wall-clock on the task itself over SGD's (the median over seeds), which is the cost of
+the methods that choose their SAM steps from the training's own gradients (AE-SAM), and its passes per step.
+Writes the accuracy-against-cost figure with ``--figure``.
 
-    python benchmarks/bench_variants.py [--seeds 0 1 2] [--epochs 40] [--rounds 5] [--figure docs/img/variants.png]
+``--equal-compute`` then trains every method again for the epochs that SAM's wall-clock buys it, from each method's
+own measured time per epoch on the task (SGD gets about twice SAM's epochs), and prints the second table: accuracy
+at equal compute, with the wall-clock of those runs over SAM's as measured.
+
+    python benchmarks/bench_variants.py [--seeds 0 1 2] [--epochs 40] [--rounds 5] [--equal-compute]
+        [--figure docs/img/variants.png]
 
 ``--breakdown`` prints instead where each method's step time goes on that MLP: the base optimizer's step (timed by
 its step hooks), the method's own work (every phase of SAM's step protocol, timed: norms, the copy, perturbation and
@@ -19,14 +27,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMStep
+from lightning_sam import AESAM, GSAM, MSAM, RST, SAM, AELookSAM, FriendlySAM, LookSAM, SAMStep
 from lightning_sam.demo import noisy_digits
 
 SGD: dict[str, Any] = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
@@ -44,6 +53,15 @@ METHODS: dict[str, tuple[str, Callable[[Any], torch.optim.Optimizer]]] = {
         lambda p: FriendlySAM(p, torch.optim.SGD, rho=RHO, sigma=1.0, lmbda=0.9, **SGD),
     ),
     "MSAM": ("rho=0.3", lambda p: MSAM(p, torch.optim.SGD, rho=0.3, **SGD)),
+    "AE-SAM": (
+        f"rho={RHO}, delta=0.9, lambda1=-1, lambda2=1",
+        lambda p: AESAM(p, torch.optim.SGD, rho=RHO, delta=0.9, lambda1=-1.0, lambda2=1.0, **SGD),
+    ),
+    "AE-LookSAM": (
+        f"rho={RHO}, alpha=0.7, delta=0.9, lambda1=-1, lambda2=1",
+        lambda p: AELookSAM(p, torch.optim.SGD, rho=RHO, alpha=0.7, delta=0.9, lambda1=-1.0, lambda2=1.0, **SGD),
+    ),
+    "RST": (f"rho={RHO}, p=0.5", lambda p: RST(p, torch.optim.SGD, rho=RHO, p=0.5, **SGD)),  # seeded per run below
     "SAM every 2nd step": (f"rho={RHO}, interval=2", lambda p: SAM(p, torch.optim.SGD, rho=RHO, interval=2, **SGD)),
     "SAM every 4th step": (f"rho={RHO}, interval=4", lambda p: SAM(p, torch.optim.SGD, rho=RHO, interval=4, **SGD)),
     "late-phase SAM": (
@@ -64,21 +82,84 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: SAMStep | Non
     opt.zero_grad()
 
 
-def accuracy(name: str, seed: int, epochs: int) -> float:
+@dataclass(frozen=True)
+class Run:
+    """One training run on the demo's task: its clean test accuracy, its wall-clock and its passes per step."""
+
+    accuracy: float
+    seconds: float
+    passes_per_step: float
+
+
+def train(name: str, seed: int, epochs: int) -> Run:
     torch.manual_seed(seed)
     train_set, test_set = noisy_digits(0.4, seed=seed)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    forwards = [0]
+    model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     opt = METHODS[name][1](model.parameters())
+    if isinstance(opt, RST):  # its own generator: each seed its own draws
+        opt = RST(model.parameters(), torch.optim.SGD, rho=RHO, p=0.5, seed=seed, **SGD)
     loader = DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
     if isinstance(opt, SAM) and opt.total_steps is None:
         opt.total_steps = epochs * len(loader)
     step = SAMStep(opt, model) if isinstance(opt, SAM) else None
+    start = time.perf_counter()
     for _ in range(epochs):
         for x, y in loader:
             train_step(model, opt, step, x, y)
+    seconds = time.perf_counter() - start
     x, y = test_set.tensors
     with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+        accuracy = float((model(x).argmax(1) == y).float().mean())
+    return Run(accuracy, seconds, forwards[0] / (epochs * len(loader)))
+
+
+def runs_of(names: Sequence[str], seeds: Sequence[int], epochs: Callable[[str], int]) -> dict[str, list[Run]]:
+    """Every method on every seed, the methods interleaved within each seed (the machine's drift is shared)."""
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for seed in seeds:
+        for name in names:
+            runs[name].append(train(name, seed, epochs(name)))
+    return runs
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def equal_compute(runs: dict[str, list[Run]], seeds: Sequence[int], epochs: int) -> dict[str, list[Run]]:
+    """Every method again, for the epochs that SAM's wall-clock buys it: its measured time per epoch, not a guess.
+
+    The time per epoch of each method is the median over seeds of its runs at ``epochs`` epochs (the equal-epochs
+    table's runs, so that a method whose cost changes over training, AE-SAM's, is timed over a whole run).
+    """
+    per_epoch = {name: statistics.median(r.seconds for r in rs) / epochs for name, rs in runs.items()}
+    budget = per_epoch["SAM"] * epochs
+    given = {name: max(1, round(budget / per_epoch[name])) for name in runs}
+    equal = runs_of(list(runs), seeds, given.__getitem__)
+    print(
+        f"\nAt equal compute: each method trains for the epochs SAM's {epochs} take ({budget:.1f} s per run, the "
+        "median over seeds), from its own measured time per epoch; the last columns are measured in these runs."
+    )
+    print()
+    print(
+        "| method | epochs | accuracy (mean ± sd) | gain over SGD at equal compute | gain over SGD at equal epochs "
+        "| wall-clock / SAM's | passes per step |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    sgd_equal, sgd_epochs = (statistics.mean(r.accuracy for r in rs["SGD"]) for rs in (equal, runs))
+    sam_seconds = statistics.median(r.seconds for r in equal["SAM"])
+    for name, rs in equal.items():
+        mean, spread = mean_sd([r.accuracy for r in rs])
+        at_epochs = statistics.mean(r.accuracy for r in runs[name]) - sgd_epochs
+        ratio = statistics.median(r.seconds for r in rs) / sam_seconds
+        passes = statistics.mean(r.passes_per_step for r in rs)
+        print(
+            f"| {name} | {given[name]} | {mean:.1%} ± {spread:.1%} | {mean - sgd_equal:+.1%} | {at_epochs:+.1%} "
+            f"| {ratio:.2f}x | {passes:.2f} |"
+        )
+    return equal
 
 
 def step_time(name: str, steps: int = 40, warmup: int = 10) -> float:
@@ -178,6 +259,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--figure", default=None, help="write the accuracy-against-cost figure (PNG) there")
     parser.add_argument("--breakdown", action="store_true", help="where the step time goes, instead of the table")
+    parser.add_argument(
+        "--equal-compute", action="store_true", help="then every method again, for the epochs SAM's wall-clock buys it"
+    )
     args = parser.parse_args()
     if args.breakdown:
         breakdown(args.rounds)
@@ -189,21 +273,32 @@ def main() -> None:
             sgd = step_time("SGD")
             ratios[name].append(step_time(name) / sgd)
     ratio = {name: statistics.median(r) for name, r in ratios.items()}
-    accuracies = {name: [accuracy(name, seed, args.epochs) for seed in args.seeds] for name in METHODS}
+    runs_of(list(METHODS), [0], lambda _: 1)  # a warm-up of every method's code path: the runs below are timed
+    runs = runs_of(list(METHODS), args.seeds, lambda _: args.epochs)
+    accuracies = {name: [r.accuracy for r in rs] for name, rs in runs.items()}
 
     print(
         f"digits, 40% label noise, {args.epochs} epochs, seeds {args.seeds}; step time: 784-1024-1024-10 MLP, batch "
         f"128, {args.rounds} interleaved rounds, torch {torch.__version__}"
     )
     print()
-    print("| method | settings | clean test accuracy (mean ± sd) | gain over SGD | step time / SGD |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| method | settings | clean test accuracy (mean ± sd) | gain over SGD | step time / SGD "
+        "| wall-clock on the task / SGD | passes per step |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     sgd = statistics.mean(accuracies["SGD"])
+    sgd_seconds = statistics.median(r.seconds for r in runs["SGD"])
     for name, (settings, _) in METHODS.items():
-        accs = accuracies[name]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        mean = statistics.mean(accs)
-        print(f"| {name} | {settings} | {mean:.1%} ± {spread:.1%} | {mean - sgd:+.1%} | {ratio[name]:.2f}x |")
+        mean, spread = mean_sd(accuracies[name])
+        passes = statistics.mean(r.passes_per_step for r in runs[name])
+        wall = statistics.median(r.seconds for r in runs[name]) / sgd_seconds
+        print(
+            f"| {name} | {settings} | {mean:.1%} ± {spread:.1%} | {mean - sgd:+.1%} | {ratio[name]:.2f}x "
+            f"| {wall:.2f}x | {passes:.2f} |"
+        )
+    if args.equal_compute:
+        equal_compute(runs, args.seeds, args.epochs)
     if args.figure:
         figure(accuracies, ratio, args.figure)
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_sam._registry import METHODS
 
 if TYPE_CHECKING:
+    from lightning_sam.aesam import AESAM, AELookSAM
     from lightning_sam.callbacks import SharpnessMonitor
     from lightning_sam.friendly_sam import FriendlySAM
     from lightning_sam.gsam import GSAM
@@ -16,12 +17,16 @@ if TYPE_CHECKING:
     from lightning_sam.msam import MSAM
     from lightning_sam.optimizer import SAM
     from lightning_sam.plots import LandscapePlot, SpectrumPlot
+    from lightning_sam.rst import RST
     from lightning_sam.step import SAMStep
 
 __all__ = [
+    "AESAM",
     "GSAM",
     "MSAM",
+    "RST",
     "SAM",
+    "AELookSAM",
     "FriendlySAM",
     "LandscapePlot",
     "LookSAM",

@@ -48,6 +48,7 @@ STRATEGIES = ("auto", "ddp")
 MEASURE_NAMES = (
     "first_order",
     "grad_norm",
+    "sam_fraction",
     "hessian_max_eig",
     "hessian_top_eigs",
     "preconditioned_max_eig",

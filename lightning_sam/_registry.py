@@ -69,4 +69,16 @@ METHODS: dict[str, Method] = {
         "MSAM", "MSAM", "momentum SAM, one pass per step (Becker et al. 2024), radius --msam-rho", "msam",
         "msam_rho",
     ),
+    "aesam": Method(
+        "AE-SAM", "AESAM", "SAM on the steps whose gradient norm is unusually large (Jiang et al. 2023)", "aesam",
+        settings={"delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
+    ),
+    "aelooksam": Method(
+        "AE-LookSAM", "AELookSAM", "AE-SAM's trigger with LookSAM's reuse in between (Jiang et al. 2023)", "aesam",
+        settings={"alpha": 0.7, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
+    ),
+    "rst": Method(
+        "RST", "RST", "SAM on a random half of the steps (SS-SAM/RST, Zhao et al. 2022)", "rst",
+        settings={"p": 0.5},
+    ),
 }  # fmt: skip

@@ -35,7 +35,7 @@ from lightning_sam.wandb_integration import define_sharpness_metrics, find_wandb
 
 __all__ = ["SharpnessMonitor"]
 
-DEFAULT_MEASURES = ("first_order", "grad_norm", "hessian_max_eig", "eos_ratio")
+DEFAULT_MEASURES = ("first_order", "grad_norm", "sam_fraction", "hessian_max_eig", "eos_ratio")
 
 
 class SharpnessMonitor(Callback):
@@ -50,6 +50,7 @@ class SharpnessMonitor(Callback):
     |---|---|---|
     | ``first_order`` | ``L(w+e) − L(w)``, ``e = rho·g/‖g‖`` (Foret et al. 2021) | free with SAMMixin, else 2 forwards |
     | ``grad_norm`` | ``‖g‖`` of the gradient the optimizer steps with | free |
+    | ``sam_fraction`` | the fraction of the steps so far that were SAM steps (a SAM optimizer's) | free |
     | ``hessian_max_eig`` | top Hessian eigenvalue by Lanczos, warm-started, and its ``_residual`` | a few HVPs |
     | ``hessian_top_eigs`` | the ``top_k`` largest eigenvalues ``hessian_eig_i`` and their residuals | more HVPs |
     | ``preconditioned_max_eig`` | ``λ_max(P⁻¹H)`` for Adam/AdamW/RMSprop/Adagrad (Cohen et al. 2022) | a few HVPs |
@@ -68,7 +69,7 @@ class SharpnessMonitor(Callback):
     ``hessian_max_eig`` and ``hessian_trace`` of each top-level submodule's block of the
     Hessian, as ``sharpness/<module>/...``.
 
-    ``first_order`` and ``grad_norm`` are logged on the Trainer's logging steps
+    ``first_order``, ``grad_norm`` and ``sam_fraction`` are logged on the Trainer's logging steps
     (``log_every_n_steps``). The others run on the multiples of their own ``every_n_steps``
     and at the end of training, in eval mode, on a fixed batch: the first training batch
     of the run (on each rank; a checkpoint keeps every rank's); ``critical_sharpness``

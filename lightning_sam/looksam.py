@@ -81,7 +81,7 @@ class LookSAMPolicy(Policy):
             return None
         grads = [p.grad for p in params if p.grad is not None]
         g_squared = optimizer.sum_over_shards(dot(grads, grads))
-        with_gv = [p for p in params if p in self.state]
+        with_gv = [p for p in params if "looksam_gv" in self.state.get(p, {})]
         if with_gv:  # every entry holds the same norm (ensure_state shares it)
             scale = guarded_ratio(self.alpha * g_squared.sqrt(), self.state[with_gv[0]]["looksam_gv_norm"])
             add_scaled_([p.grad for p in with_gv], [self.state[p]["looksam_gv"] for p in with_gv], scale)  # type: ignore[misc]
@@ -101,17 +101,17 @@ class LookSAMPolicy(Policy):
             self.state[p]["looksam_gv"] = like_param(p, v)
             optimizer.protocol.buffers.replace(p, "kept", _locals([old])[0])  # the buffers trade places
         for p, entries in self.state.items():
-            if p not in fresh:  # reached by neither pass: the whole g_v is 0 there
+            if p not in fresh and "looksam_gv" in entries:  # reached by neither pass: the whole g_v is 0 there
                 _locals([entries["looksam_gv"]])[0].zero_()
             entries["looksam_gv_norm"] = norm
 
     def ensure_state(self, params: list[Tensor]) -> None:  # noqa: D102
-        shared = next(iter(self.state.values()))["looksam_gv_norm"] if self.state else None
+        shared = next((e["looksam_gv_norm"] for e in self.state.values() if "looksam_gv_norm" in e), None)
         for p in params:
-            if p not in self.state:  # "no g_v yet": zeros, and the norm every entry shares (0 before a SAM step)
-                if shared is None:
+            if "looksam_gv" not in self.state.get(p, {}):  # "no g_v yet": zeros, and the norm every entry shares
+                if shared is None:  # (0 before a SAM step)
                     shared = torch.zeros((), device=p.device)
-                self.state[p] = {"looksam_gv": zeros_like_param(p), "looksam_gv_norm": shared}
+                self.state.setdefault(p, {}).update({"looksam_gv": zeros_like_param(p), "looksam_gv_norm": shared})
 
 
 class LookSAM(SAM):

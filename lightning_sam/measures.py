@@ -236,6 +236,16 @@ def _first_order(step: TrainingStep) -> dict[str, Tensor]:
     return {"first_order": after - before}
 
 
+def _sam_fraction(step: TrainingStep) -> dict[str, Tensor]:
+    """The fraction of the optimizer steps taken so far that were SAM steps (nothing for a plain optimizer)."""
+    if step.sam_stats is not None and "sam_fraction" in step.sam_stats:
+        return {"sam_fraction": step.sam_stats["sam_fraction"]}
+    sam = _sam(step.optimizer)
+    if sam is None:
+        raise NotThisStep  # every step of a plain optimizer is one pass: nothing to report
+    return {"sam_fraction": torch.tensor(sam.sam_fraction)}
+
+
 def _grad_norm(step: TrainingStep) -> dict[str, Tensor]:
     """``‖g‖`` of the gradient the optimizer steps with."""
     return {"grad_norm": grad_norm_squared(step.params, step.grads).sqrt()}
@@ -449,6 +459,12 @@ MEASURES: dict[str, Measure] = {
     ),
     "grad_norm": Measure(
         _grad_norm, per_step=True, keys=_keys("grad_norm"), summary="‖g‖ of the gradient the optimizer steps with"
+    ),
+    "sam_fraction": Measure(
+        _sam_fraction,
+        per_step=True,
+        keys=_keys("sam_fraction"),
+        summary="the fraction of the optimizer steps so far that were SAM steps (AE-SAM, RST, LookSAM... choose)",
     ),
     "hessian_max_eig": Measure(
         _hessian_max_eig,

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
@@ -89,7 +90,10 @@ class SAMMixin:
             ``w + e``), ``"first_order_sharpness"`` (their difference) and
             ``"grad_norm"`` (the unscaled ``‖T g‖`` of the batch's loss that set the
             perturbation), as detached tensors, for
-            [`SharpnessMonitor`][lightning_sam.SharpnessMonitor] and your own logging.
+            [`SharpnessMonitor`][lightning_sam.SharpnessMonitor] and your own logging; a
+            one-pass step has ``"loss"`` alone. Every batch also has ``"sam_fraction"``: the
+            fraction of the optimizer steps taken so far that were SAM steps
+            ([`SAM.sam_fraction`][lightning_sam.SAM.sam_fraction], a float32 tensor on the loss's device).
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -221,10 +225,9 @@ class _LightningSAM:
             bool(settings.sam_sync_ascent) or self.step.global_ascent
         ) and not optimizer.policy.pre_forward
         self.pending: tuple[tuple[Any, ...], dict[str, Any], Tensor] | None = None
-        schedule = optimizer.schedule  # late-phase SAM without its length: the fit it was planned for, when it was
-        self.length_of: tuple[Any, ...] | None = (
-            () if isinstance(schedule.start, float) and not schedule.total_steps else None
-        )
+        # a schedule over the training without its length (late-phase SAM, AE-SAM's threshold, RST's probability):
+        self.needs_length = optimizer.policy.length_needed(optimizer)  # the fit it was planned for, when it was
+        self.length_of: tuple[Any, ...] | None = () if self.needs_length and not optimizer.total_steps else None
         self.paused_sync: DistributedDataParallel | None = None
         self.generators_of_epoch = -1  # the epoch whose first batch looked for the module's generators
 
@@ -236,14 +239,16 @@ class _LightningSAM:
             trainer = self.module.trainer
             fit = (trainer.max_steps, trainer.max_epochs, trainer.num_training_batches)
             if fit != self.length_of:  # the first batch, or a tuner's trial (BatchSizeFinder) came before
-                self.step.optimizer.schedule.total_steps, self.length_of = planned_steps(trainer), fit
+                self.step.optimizer.total_steps, self.length_of = planned_steps(trainer, self.needs_length), fit
         if self.generators_of_epoch != (epoch := self.module.trainer.current_epoch):  # one made in on_train_start,
             self.step.generators, self.generators_of_epoch = generators_of(self.module), epoch  # or each epoch
         self.step.begin()
-        if not self.step.ascending:
+        # AE-SAM decides after the backward: the first pass is always ready for a second one (a step left open by a
+        # skipped window may still answer here; window_starts opens the fresh one, the backward decides)
+        if not (self.step.ascending or self.step.optimizer.policy.decides_after_first_pass):
             output = training_step(*args, **kwargs)
             if (loss := loss_in(output)) is not None:
-                self.settings.sam_stats = {"loss": loss.detach()}
+                self.settings.sam_stats = self._stats(loss=loss.detach())
             return output
         recorder = _Recorder(args[0]) if self.iterates else None
         if recorder is not None:
@@ -284,6 +289,10 @@ class _LightningSAM:
                     norm = self.step.ascend(loss, scaled=True)  # the precision plugin scaled it
             finally:
                 self._resume_sync()
+            if not self.step.ascending:  # the first pass decided against the ascent (AE-SAM): the batch's only one
+                self._finalize()
+                self.settings.sam_stats = self._stats(loss=raw_loss)
+                return
             with self._second_pass(), observing(self.module, batchnorm=False):
                 forward = lambda: _loss_of(trainer.strategy.training_step(*args, **kwargs))  # noqa: E731
                 perturbed = self.step.second_forward(forward)
@@ -292,12 +301,17 @@ class _LightningSAM:
             self.step.abandon()
             raise
         self._finalize()
-        self.settings.sam_stats = {"loss": raw_loss, "perturbed_loss": perturbed.detach()}
+        self.settings.sam_stats = self._stats(loss=raw_loss, perturbed_loss=perturbed.detach())
         if not self.step.optimizer.policy.pre_forward:  # MSAM's move is not SAM's ascent: no first-order sharpness
             scale = self.step.grad_scale()
             unscale = trainer.accumulate_grad_batches / (scale if scale is not None else 1.0)
             self.settings.sam_stats["first_order_sharpness"] = perturbed.detach() - raw_loss
             self.settings.sam_stats["grad_norm"] = norm * unscale
+
+    def _stats(self, **values: Tensor) -> dict[str, Tensor]:
+        """The batch's numbers, and the fraction of the steps taken so far that were SAM steps."""
+        device = next(iter(values.values())).device if values else None  # where Lightning logs it (sync_dist)
+        return {**values, "sam_fraction": torch.full((), self.step.optimizer.sam_fraction, device=device)}
 
     def _finalize(self) -> None:
         """After the window's last backward: the variant's direction, for the hooks and the clipping that follow."""
@@ -501,8 +515,8 @@ for _name, _wrap in _WRAPPERS.items():
     setattr(SAMMixin, _name, _wrap(_inherited(_name)))
 
 
-def planned_steps(trainer: pl.Trainer) -> int:
-    """The fit's length in optimizer steps as Lightning will run it (for a fractional ``start``).
+def planned_steps(trainer: pl.Trainer, needed_by: str | None = None) -> int:
+    """The fit's length in optimizer steps as Lightning will run it (for a fractional ``start``, AE-SAM, RST).
 
     Every epoch's batches over that epoch's accumulation (``GradientAccumulationScheduler``
     changes it), bounded by ``max_steps``; every epoch is taken to be as long as the
@@ -512,18 +526,24 @@ def planned_steps(trainer: pl.Trainer) -> int:
     resume restores it), and again when the fit's shape changes (a tuner's trial runs
     first: ``BatchSizeFinder``, ``LearningRateFinder``).
 
+    Args:
+        trainer: The fit's Trainer.
+        needed_by: What needs the length, as the error names it (a policy's ``length_needed``).
+
     Raises:
         MisconfigurationException: The length is not known (iterable data without a length,
-            ``max_time`` without ``max_epochs``): it asks for ``total_steps`` or a step number.
+            ``max_time`` without ``max_epochs``): it asks for ``total_steps`` (or a step number).
     """
     max_steps, max_epochs, batches = trainer.max_steps, trainer.max_epochs, trainer.num_training_batches
     if max_epochs in (None, -1) or batches == float("inf"):
         if max_steps != -1:
             return int(max_steps)
         why = "its data has no length" if batches == float("inf") else "it stops on max_time (or never)"
+        what = needed_by or "SAM(start=<fraction>)"
+        instead = ", an integer start (a step number)," if what.startswith("SAM(start") else ""
         raise MisconfigurationException(
-            f"SAM(start=<fraction>) needs the training's length, and this fit cannot know it: {why}. Pass "
-            "SAM(..., total_steps=<optimizer steps>), an integer start (a step number), or Trainer(max_steps=...)."
+            f"{what} needs the training's length, and this fit cannot know it: {why}. Pass "
+            f"total_steps=<optimizer steps> to the optimizer{instead} or Trainer(max_steps=...)."
         )
     callbacks = getattr(trainer, "callbacks", [])  # set by the Trainer, not declared on it
     schedule = next((cb for cb in callbacks if isinstance(cb, GradientAccumulationScheduler)), None)

@@ -75,8 +75,9 @@ class SAM(Optimizer):
         start: The first step with an ascent (late-phase SAM, Zhou et al. 2024): a step
             number, or a fraction in ``[0, 1)`` of ``total_steps``.
         total_steps: The training's length in optimizer steps, for a fractional ``start``
-            (``SAMMixin`` sets it at the first batch, from the fit as Lightning runs it:
-            [`planned_steps`][lightning_sam.mixin.planned_steps]).
+            and the variants whose schedule runs over the training (AE-SAM's threshold, RST's
+            probability); ``SAMMixin`` sets it at the first batch, from the fit as Lightning
+            runs it ([`planned_steps`][lightning_sam.mixin.planned_steps]).
         policy: The variant's choices; None is SAM's (the variants' classes pass theirs).
         **base_kwargs: Arguments of the base optimizer (``lr``, ``momentum`` ...).
 
@@ -161,6 +162,7 @@ class SAM(Optimizer):
     def _setup_group(self, group: dict[str, Any]) -> None:
         """The keys a group's checkpoint holds from the start (torch's distributed checkpoint loads no others)."""
         group.setdefault("sam_steps", self.param_groups[0].get("sam_steps", 0))
+        group.setdefault("sam_ascents", self.param_groups[0].get("sam_ascents", 0))
         self.policy.setup_group(group)
 
     @property
@@ -181,6 +183,16 @@ class SAM(Optimizer):
     def steps_taken(self) -> int:
         """The optimizer steps taken so far, never the skipped ones (saved in ``state_dict``)."""
         return int(self.param_groups[0].get("sam_steps", 0))
+
+    @property
+    def ascents_taken(self) -> int:
+        """The steps taken so far that ascended (SAM steps; the others took one pass), saved in ``state_dict``."""
+        return int(self.param_groups[0].get("sam_ascents", 0))
+
+    @property
+    def sam_fraction(self) -> float:
+        """The fraction of the steps taken so far that were SAM steps (0 before the first step); no device read."""
+        return self.ascents_taken / self.steps_taken if self.steps_taken else 0.0
 
     @property
     def skipped_steps(self) -> int:
@@ -223,7 +235,7 @@ class SAM(Optimizer):
         Returns:
             The global norm ``‖T g‖`` that scaled the perturbation (a 0-dim tensor).
         """
-        if self.policy.pre_forward:
+        if self.policy.pre_forward or self.policy.chooses_passes:
             raise ValueError(_no_first_gradient(self))
         if self.is_perturbed:
             raise RuntimeError(
@@ -242,7 +254,7 @@ class SAM(Optimizer):
         Args:
             zero_grad: Clear the gradients afterwards.
         """
-        if self.policy.pre_forward:
+        if self.policy.pre_forward or self.policy.chooses_passes:
             raise ValueError(_no_first_gradient(self))
         if not self.is_perturbed:
             raise RuntimeError(
@@ -289,7 +301,7 @@ class SAM(Optimizer):
                 protocol.end_micro_batch()
             protocol.finish()
             return loss
-        if not protocol.begin().ascending:  # a one-pass step: the gradient at w is the one
+        if not (protocol.begin().ascending and protocol.decide()):  # one pass: the gradient at w is the one
             protocol.finish()
             return None
         if self.policy.pre_forward:  # MSAM: the closure takes the only gradient, at the moved point
@@ -454,6 +466,12 @@ def _needs_a_closure(optimizer: SAM) -> str:
 
 def _no_first_gradient(optimizer: SAM) -> str:
     name = type(optimizer).__name__
+    if optimizer.policy.chooses_passes:
+        return (
+            f"{name} chooses at each step whether it takes a second pass, which first_step()/second_step() always "
+            f"take. Use {name}.step(closure) after the backward pass at w (the closure runs the second pass only "
+            "when the step needs it), or SAMStep/SAMMixin."
+        )
     return (
         f"{name} perturbs before the forward pass and takes no gradient at w, so first_step()/second_step() cannot "
         f"run it. Use {name}.step(closure) (the closure computes the loss and calls backward), or SAMStep/SAMMixin."

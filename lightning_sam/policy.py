@@ -19,7 +19,10 @@ makes a fresh one for every step and drops it when the step ends, however it end
    (steps count when they are taken).
 3. No host synchronization: the optimizer reads one boolean per step (its verdict), and
    nothing else does: keep norms and coefficients as tensors (no ``float()``, ``bool()``,
-   ``.item()``).
+   ``.item()``). A policy that chooses after the first pass whether the step takes a second
+   (``decides_after_first_pass``: AE-SAM) returns its choice as a tensor from ``decision``;
+   the optimizer reads it together with the first pass's finiteness, in one read that is
+   also the verdict of a step that takes no second pass.
 4. No absolute epsilon: a ratio of norms is guarded with ``torch.where`` (0 where it is
    not finite), so that a run scaled by ``s`` (loss x s, lr / s) is the same run.
 5. From finite gradients, finite results: a GradScaler decides on the gradients it sees,
@@ -177,6 +180,7 @@ class StepContext:
     descent_finite: Tensor | None = None  # what descent knows of the direction's finiteness
     outcome: dict[str, Any] = field(default_factory=dict)  # what descent computed for commit
     grads_seen: list[tuple[Any, int] | None] | None = None  # the gradients as the last micro-batch left them
+    verdict: bool | None = None  # a one-pass step's verdict, read with its decision (decides_after_first_pass)
 
     def carry(self, loss: Tensor) -> Tensor:
         """The second pass's loss, made NaN when this micro-batch's first pass was not finite (no host sync).
@@ -216,6 +220,11 @@ class Policy:
             micro-batches, unscaled, in at least float32) in ``StepContext.kept``.
         pre_forward: The ascent needs no gradient (MSAM): a one-pass loop perturbs before
             its forward.
+        decides_after_first_pass: Whether a step ascends depends on its first pass's
+            gradient (AE-SAM): ``ascends`` says it may, and ``decision`` decides, once per
+            optimizer step (at its first micro-batch), before any weight moves.
+        chooses_passes: The policy picks per step whether it takes a second pass (AE-SAM,
+            RST), which ``first_step``/``second_step`` (always two passes) cannot follow.
         state: Per parameter, what the policy keeps across steps (``commit`` writes it; a
             plain dict: reading an entry never creates one).
 
@@ -230,6 +239,8 @@ class Policy:
     needs_global_ascent: ClassVar[bool] = False
     keeps_first_gradient: ClassVar[bool] = False
     pre_forward: ClassVar[bool] = False
+    decides_after_first_pass: ClassVar[bool] = False
+    chooses_passes: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.state: dict[Tensor, dict[str, Tensor]] = {}
@@ -237,6 +248,18 @@ class Policy:
     def ascends(self, step: int, optimizer: SAM) -> bool:
         """Whether step ``step`` perturbs the weights; decided before its first forward."""
         return optimizer.schedule.due(step)
+
+    def decision(self, ctx: StepContext, optimizer: SAM) -> tuple[Tensor, Tensor]:
+        """After the first pass (its gradient in ``.grad``): whether it is finite, and whether the step ascends.
+
+        Both are 0-dim bool tensors, the same on every rank (computed from what every rank
+        shares); called by ``decides_after_first_pass`` policies only, and may write ``ctx``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not decide after the first pass.")
+
+    def length_needed(self, optimizer: SAM) -> str | None:
+        """What needs the training's length (``total_steps``), as the error asking for it names it; None: nothing."""
+        return "SAM(start=<fraction>)" if isinstance(optimizer.schedule.start, float) else None
 
     def radius(self, options: dict[str, Any]) -> float:
         """A group's radius for this step."""

@@ -150,6 +150,24 @@ class StepProtocol:
             moved.append((a.params, backup, a.group.foreach))
 
     @torch.no_grad()
+    def decide(self) -> bool:
+        """After the first pass (its gradient in ``.grad``): whether the step ascends; one host read, if any.
+
+        For a ``decides_after_first_pass`` policy (AE-SAM) the read carries the policy's
+        decision and the first pass's finiteness: a step that takes no second pass then
+        knows its verdict, and ``finish`` reads nothing more. The decision is the step's
+        first micro-batch's; the later ones follow it. Other policies decided at ``begin``.
+        """
+        ctx, opt = self._open("decide"), self.optimizer
+        if not opt.policy.decides_after_first_pass or ctx.micro_batches > 0 or not ctx.ascending:
+            return ctx.ascending
+        finite, ascends = opt.policy.decision(ctx, opt)
+        finite_now, ascends_now = torch.stack([finite, finite & ascends]).tolist()  # the step's one read
+        ctx.ascending = bool(ascends_now)
+        ctx.verdict = None if ctx.ascending else bool(finite_now)
+        return ctx.ascending
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved weights back (bitwise); a no-op when not perturbed."""
         ctx = self.ctx
@@ -201,8 +219,9 @@ class StepProtocol:
             return False
         opt.base_optimizer.step()
         mark_stepped(opt)
+        ascents = opt.ascents_taken + ctx.ascending
         for group in opt.param_groups:
-            group["sam_steps"] = ctx.step + 1
+            group["sam_steps"], group["sam_ascents"] = ctx.step + 1, ascents
         opt.policy.commit(ctx, opt)
         return True
 
@@ -225,13 +244,10 @@ class StepProtocol:
         """The verdict, the step's one host sync; none when a GradScaler judged gradients that carry it all."""
         if ctx.grad_scale is not None and (ctx.carried or ctx.finite is None):
             return False
-        opt = self.optimizer
-        grads = [g for group in groups_with_grads(opt.param_groups) for g in group.grads]
-        checks = [ctx.descent_finite if ctx.descent_finite is not None else all_finite(grads)]
-        if ctx.finite is not None:
-            checks.append(ctx.finite)
-        not_finite = (~torch.stack([c.to(checks[0].device) for c in checks]).all()).float()
-        if bool(opt.sum_over_shards(not_finite) == 0):
+        if ctx.verdict is not None and ctx.micro_batches <= 1:  # read with the decision: the pass is the step's
+            if ctx.verdict:
+                return False
+        elif self._finite(ctx):
             return False
         self.skipped_steps += 1
         message = (
@@ -242,6 +258,16 @@ class StepProtocol:
             raise FloatingPointError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=5)
         return True
+
+    def _finite(self, ctx: StepContext) -> bool:
+        """Whether every gradient the base optimizer would step with, and every first pass, is finite (one read)."""
+        opt = self.optimizer
+        grads = [g for group in groups_with_grads(opt.param_groups) for g in group.grads]
+        checks = [ctx.descent_finite if ctx.descent_finite is not None else all_finite(grads)]
+        if ctx.finite is not None:
+            checks.append(ctx.finite)
+        not_finite = (~torch.stack([c.to(checks[0].device) for c in checks]).all()).float()
+        return bool(opt.sum_over_shards(not_finite) == 0)
 
     def _keep_first_gradient(self, ctx: StepContext, owned: bool) -> None:
         """This micro-batch's first gradient, unscaled, in at least float32.

@@ -34,7 +34,8 @@ class SAMStep:
     moves the weights; its second pass is made NaN, so that the step is skipped on every
     rank (DDP's all-reduce carries the NaN) and a GradScaler backs off. A step costs one
     host synchronization (the optimizer's verdict), none with a GradScaler (whose own
-    check decides).
+    check decides); AE-SAM's SAM steps one more (its decision after the first pass, which
+    is the verdict of its one-pass steps).
 
     The phases are public for loops that split them across hooks (``SAMMixin`` does):
     [`begin`][lightning_sam.SAMStep.begin] before the first forward,
@@ -174,6 +175,9 @@ class SAMStep:
         loss = loss_fn()
         try:
             norm = self.ascend(loss)
+            if not self.ascending:  # the first pass decided (AE-SAM): it was the step's only one
+                self.stats = {"loss": loss.detach()}
+                return loss.detach()
             perturbed_loss = self.second_forward(loss_fn)
             self.second_backward(perturbed_loss)
         except BaseException:
@@ -196,7 +200,8 @@ class SAMStep:
         otherwise a fresh one begins.
         """
         self._ascending = self.optimizer.protocol.open(grad_scale=self.grad_scale(), nonfinite=self.nonfinite).ascending
-        self._rng_before = rng_state(self.generators) if self._ascending and self.same_randomness else None
+        may_ascend = self._ascending or self.optimizer.policy.decides_after_first_pass
+        self._rng_before = rng_state(self.generators) if may_ascend and self.same_randomness else None
 
     def end_one_pass(self) -> None:
         """After a one-pass micro-batch's backward: it joins the step."""
@@ -206,7 +211,10 @@ class SAMStep:
     def ascend(self, loss: Tensor, *, scaled: bool = False) -> Tensor:
         """Take the gradient of the loss at ``w`` on its own and move to ``w + e``; returns the norm that scaled ``e``.
 
-        For MSAM the move needs no gradient: ``loss`` is not back-propagated.
+        For MSAM the move needs no gradient: ``loss`` is not back-propagated. For a policy
+        that decides after the first pass (AE-SAM), the decision comes first: a step that does
+        not ascend adds the gradient to ``.grad`` as a one-pass micro-batch does, ends the
+        micro-batch, and ``ascending`` turns False (nothing moves; no second pass follows).
 
         Args:
             loss: The first pass's loss (divided by the accumulation steps is fine: the
@@ -215,7 +223,8 @@ class SAMStep:
                 precision plugin does that).
 
         Returns:
-            The norm of the direction that set ``e``, in the scaler's units when there is one.
+            The norm of the direction that set ``e``, in the scaler's units when there is one
+            (0 when the first pass decided against the ascent).
         """
         sam = self.optimizer
         if sam.policy.pre_forward:
@@ -239,10 +248,16 @@ class SAMStep:
                     p.grad = g
             else:
                 (self.ascent_backward or self.backward)(loss)
-            return sam.protocol.perturb(loss.detach(), owned=True)  # the first pass's gradients are ours
+            if sam.protocol.decide():
+                self._ascending = True
+                return sam.protocol.perturb(loss.detach(), owned=True)  # the first pass's gradients are ours
+            aside = [_joined(g, p.grad) for p, g in zip(params, aside, strict=True)]  # a one-pass micro-batch
         finally:
             for p, g in zip(params, aside, strict=True):
                 p.grad = g
+        self._ascending, self._rng_before = False, None
+        sam.protocol.end_micro_batch()
+        return torch.zeros((), device=self._device)
 
     def second_forward(self, forward: Callable[[], T]) -> T:
         """Run ``forward`` at ``w + e`` with the first pass's random state.
@@ -290,3 +305,10 @@ class SAMStep:
         if self._batchnorm is not None:
             self._batchnorm.restore()
             self._batchnorm = None
+
+
+def _joined(accumulated: Tensor | None, grad: Tensor | None) -> Tensor | None:
+    """``grad`` added to the gradient accumulated so far, as a backward into ``.grad`` adds it."""
+    if accumulated is None or grad is None:
+        return grad if accumulated is None else accumulated
+    return accumulated.add_(grad)

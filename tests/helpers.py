@@ -123,16 +123,28 @@ class ResumableLoader:
         self.start = state["position"]
 
 
+def worker_env() -> dict[str, str]:
+    """The environment for a multi-process worker: the tests folder on the path, and a fresh process group.
+
+    An in-process fit that initialized torch.distributed (FSDP on one device) leaves ``LOCAL_RANK`` and
+    ``MASTER_PORT`` behind; a worker that inherits ``LOCAL_RANK`` has Lightning believe its ranks were launched
+    for it, and waits for a rank 1 that never starts.
+    """
+    import os
+
+    launched = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launched}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])
+    return env
+
+
 def run_worker(script: Path, *args: str) -> None:
     """Run ``python script args`` with the tests folder on the path; fail with its stderr's tail if it fails."""
-    import os
     import subprocess
     import sys
 
-    here = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, str(script), *args], env=worker_env(), capture_output=True, text=True, timeout=600, check=False
     )
     if done.returncode != 0:
         raise AssertionError(done.stderr[-5000:])

@@ -24,7 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMStep, SharpnessMonitor
+from lightning_sam import AESAM, GSAM, MSAM, RST, SAM, FriendlySAM, LookSAM, SAMStep, SharpnessMonitor
 from lightning_sam.measures import MEASURES
 
 
@@ -145,6 +145,8 @@ VARIANTS: dict[str, Any] = {
     "msam": lambda params: MSAM(params, SGD, rho=0.3, lr=0.1, momentum=0.9),
     "sam_interval": lambda params: SAM(params, SGD, rho=0.05, interval=2, lr=0.1, momentum=0.9),
     "sam_start": lambda params: SAM(params, SGD, rho=0.05, start=3, lr=0.1, momentum=0.9),
+    "aesam": lambda params: AESAM(params, SGD, rho=0.05, delta=0.5, lambda1=-0.5, lambda2=0.5, lr=0.1, momentum=0.9),
+    "rst": lambda params: RST(params, SGD, rho=0.05, p=0.3, p_end=0.8, schedule="linear", seed=5, lr=0.1, momentum=0.9),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM
+from lightning_sam import AESAM, GSAM, MSAM, RST, SAM, AELookSAM, FriendlySAM, LookSAM
 from lightning_sam._demo_cli import MEASURE_NAMES, METHODS, parse_demo
 from lightning_sam._demo_plot import figure, y_label
 from lightning_sam.demo import RunResult, build_module, main, noisy_digits, results_table, run_config, train_loader
@@ -46,7 +46,8 @@ def test_every_method_builds_its_documented_optimizer(method: str) -> None:
     args = parse_demo(["--logger", "csv", "--rho", "0.15", "--asam-rho", "0.8", "--msam-rho", "0.25"])
     opt = build_module(method, args).configure_optimizers()
     expected = {"sgd": torch.optim.SGD, "sam": SAM, "asam": SAM, "looksam": LookSAM, "gsam": GSAM,
-                "friendlysam": FriendlySAM, "msam": MSAM}[method]  # fmt: skip
+                "friendlysam": FriendlySAM, "msam": MSAM, "aesam": AESAM, "aelooksam": AELookSAM,
+                "rst": RST}[method]  # fmt: skip
     assert type(opt) is expected
     group = opt.param_groups[0]
     assert group["lr"] == 0.05 and group["momentum"] == 0.9 and group["weight_decay"] == 5e-4

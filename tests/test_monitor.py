@@ -26,7 +26,7 @@ from torch import nn
 from lightning_sam import SharpnessMonitor
 from lightning_sam.measures import MEASURES
 
-ALL = [m for m in MEASURES if m not in ("preconditioned_max_eig", "sam_eos_ratio")]  # every measure an SGD run has
+ALL = [m for m in MEASURES if m not in ("preconditioned_max_eig", "sam_eos_ratio", "sam_fraction")]  # an SGD run's
 ERROR_BARS = {
     "hessian_max_eig": ["hessian_max_eig", "hessian_max_eig_residual"],
     "hessian_top_eigs": [f"hessian_eig_{i}{end}" for i in (1, 2, 3) for end in ("", "_residual")],
@@ -826,6 +826,56 @@ def test_looksam_logs_first_order_on_every_logged_step_from_the_plain_gradient(t
     logged = [values["first_order"] for _, values in monitor.rows]
     assert len(logged) == 6, "every logged step, SAM steps and the steps between"
     assert logged == pytest.approx(oracle.values, rel=1e-4)
+
+
+class RSTNet(SAMNet):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        from lightning_sam import RST
+
+        return RST(self.parameters(), torch.optim.SGD, rho=self.rho, p=0.5, seed=1, lr=self.lr)
+
+
+class PassesPerBatch(pl.Callback):
+    """The oracle: the forward passes of each batch (2 on a SAM step, 1 on a one-pass step)."""
+
+    def __init__(self) -> None:
+        self.passes: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        self.passes.append(0)
+        if len(self.passes) == 1:
+            pl_module.register_forward_hook(lambda *_: self.passes.__setitem__(-1, self.passes[-1] + 1))
+
+
+@pytest.mark.parametrize("module_cls", [LookSAMNet, RSTNet, SAMNet])
+def test_sam_fraction_is_the_share_of_sam_steps_before_each_logged_step(
+    module_cls: type[SAMNet], tmp_path: Path
+) -> None:
+    monitor = Recording(measures=["sam_fraction"])
+    passes = PassesPerBatch()
+    torch.manual_seed(0)
+    fit = trainer(
+        max_steps=8, max_epochs=-1, logger=csv_logger(tmp_path), log_every_n_steps=1, callbacks=[passes, monitor]
+    )
+    fit.fit(module_cls(), loader())
+    logged = [values["sam_fraction"] for _, values in monitor.rows]
+    sam_steps = [p == 2 for p in passes.passes]
+    assert set(passes.passes) <= {1, 2} and len(logged) == 8
+    expected = [sum(sam_steps[:n]) / n if n else 0.0 for n in range(8)]  # the steps taken before this one's
+    assert logged == pytest.approx(expected)
+    if module_cls is not SAMNet:
+        assert 0 < sum(sam_steps) < 8, "both kinds of step were taken"
+
+
+def test_sam_fraction_of_a_plain_optimizer_logs_nothing_and_warns_nothing(tmp_path: Path) -> None:
+    monitor = Recording(measures=["sam_fraction", "grad_norm"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=2, max_epochs=-1, logger=csv_logger(tmp_path), log_every_n_steps=1, callbacks=[monitor]).fit(
+            Net(), loader()
+        )
+    assert "sharpness/grad_norm" in monitor.last_values and "sharpness/sam_fraction" not in monitor.last_values
+    assert not [w for w in caught if "sam_fraction" in str(w.message)]
 
 
 class BeforeAndBatch(pl.Callback):

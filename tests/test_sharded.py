@@ -6,7 +6,6 @@ paper below. Under sharding the ascent is global, so the sharded run must equal 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Net, SAMNet, dataset, flat_params, loader, run_worker, trainer
+from helpers import Net, SAMNet, dataset, flat_params, loader, run_worker, trainer, worker_env
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -169,20 +168,25 @@ def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(runs:
 # from the first one (from other weights, which the checkpoint must overwrite) that trains the second epoch; see
 # VARIANTS in sharded_worker.py. Simplest first: a variant whose resume crashes (which ends the worker) leaves the
 # results of the ones before it.
-VARIANTS = ["sam_interval", "sam_start", "gsam", "msam", "friendly_sam", "looksam"]
+VARIANTS = ["sam_interval", "sam_start", "gsam", "msam", "friendly_sam", "looksam", "aesam", "rst"]
 VARIANT_MODES = [mode for v in VARIANTS for mode in (f"variant_{v}", f"variant_{v}_resume")]
-STATE_NAMES = {"looksam": {"looksam_gv", "looksam_gv_norm"}, "friendly_sam": {"fsam_m"}}  # the others: none
-GROUP_KEYS = {"gsam": {"gsam_lr_max"}, "friendly_sam": {"fsam_updates"}}  # besides every method's sam_steps
+STATE_NAMES = {
+    "looksam": {"looksam_gv", "looksam_gv_norm"},
+    "friendly_sam": {"fsam_m"},
+    "aesam": {"aesam_mu", "aesam_sigma"},
+}  # the others: none
+SCALARS = {"looksam_gv_norm", "aesam_mu", "aesam_sigma"}  # 0-dim, the same on every rank: plain tensors
+# besides every method's sam_steps and sam_ascents
+GROUP_KEYS = {"gsam": {"gsam_lr_max"}, "friendly_sam": {"fsam_updates"}, "rst": {"rst_generator"}}
 
 
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """One worker for every variant's modes, apart from `runs`: a crash here fails the variant tests only."""
     out_dir = tmp_path_factory.mktemp("sharded_variants")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, str(HERE / "sharded_worker.py"), str(out_dir), *VARIANT_MODES],
-        env=env,
+        env=worker_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -226,6 +230,7 @@ def test_variant_state_at_the_checkpoint_is_the_variants_and_not_trivial(
         saved = run["after_first_epoch"]
         for group in saved["groups"]:
             assert group["sam_steps"] == 4, f"rank {rank}: the checkpoint holds 4 steps"
+            assert 0 <= group["sam_ascents"] <= 4
             assert GROUP_KEYS.get(variant, set()) <= set(group), f"rank {rank}: {sorted(group)}"
         assert len(saved["base_state"]) == 4 and all("momentum_buffer" in s for s in saved["base_state"].values())
         names = STATE_NAMES.get(variant, set())
@@ -234,8 +239,8 @@ def test_variant_state_at_the_checkpoint_is_the_variants_and_not_trivial(
             assert set(entries) == names, f"rank {rank}, {name}: {sorted(entries)}"
             momentum = saved["base_state"][name]["momentum_buffer"]
             for key, value in entries.items():
-                if key == "looksam_gv_norm":
-                    assert value.dim() == 0 and value > 0, f"rank {rank}, {name}: g_v from step 3's SAM step"
+                if key in SCALARS:
+                    assert value.dim() == 0 and value > 0, f"rank {rank}, {name}.{key}: moved by the first steps"
                     assert not saved["sam_state_dtensor"][name][key]
                 else:  # like the parameter: a DTensor, this rank's shard of it
                     assert saved["sam_state_dtensor"][name][key], f"rank {rank}, {name}.{key} is no DTensor"

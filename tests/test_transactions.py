@@ -10,6 +10,7 @@ as the base optimizer takes them (a step hook on it), never by ``global_step``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from helpers import trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_sam import GSAM, MSAM, SAM, FriendlySAM, LookSAM, SAMMixin, SAMStep
+from lightning_sam import AESAM, GSAM, MSAM, RST, SAM, AELookSAM, FriendlySAM, LookSAM, SAMMixin, SAMStep
 from lightning_sam.policy import Policy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -37,11 +38,18 @@ METHODS: dict[str, Callable[..., SAM]] = {  # (params, **base optimizer override
     "msam": lambda p, **kw: MSAM(p, torch.optim.SGD, rho=0.3, **{**SGD, **kw}),
     "interval": lambda p, **kw: SAM(p, torch.optim.SGD, rho=0.05, interval=2, **{**SGD, **kw}),
     "late_phase": lambda p, **kw: SAM(p, torch.optim.SGD, rho=0.05, start=3, **{**SGD, **kw}),
+    # the switching methods: on this data, a one-pass step 4 and a SAM step 5 (AE-SAM's trigger, RST's seed 1)
+    "aesam": lambda p, **kw: AESAM(p, torch.optim.SGD, rho=0.05, delta=0.5, lambda1=0.8, lambda2=0.8, **{**SGD, **kw}),
+    "aelooksam": lambda p, **kw: AELookSAM(
+        p, torch.optim.SGD, rho=0.05, alpha=0.7, delta=0.5, lambda1=0.8, lambda2=0.8, **{**SGD, **kw}
+    ),
+    "rst": lambda p, **kw: RST(p, torch.optim.SGD, rho=0.05, p=0.5, seed=1, **{**SGD, **kw}),
 }
 EVENTS = ("nan_fp32", "nan_bf16", "fp16_overflow", "inf_at_w", "exception_retry")
 N = 8
-# Step 4 perturbs for every method (LookSAM's SAM step, interval's, late phase's); step 5 is a one-pass step for
-# LookSAM (a reuse step) and interval: both kinds of step meet every fault.
+# Step 4 perturbs for most methods (LookSAM's SAM step, interval's, late phase's); step 5 is a one-pass step for
+# LookSAM (a reuse step) and interval, and the other way round for AE-SAM, AE-LookSAM and RST: both kinds of step
+# meet every fault.
 BAD = (4, 5)
 
 
@@ -208,9 +216,28 @@ def plain_run(
 MATRIX = [(m, e) for m in sorted(METHODS) for e in EVENTS if not (m == "msam" and e == "inf_at_w")]
 
 
+@functools.cache
+def ascents(method: str) -> tuple[bool, ...]:
+    """Which steps of the clean run ascend (perturb the weights): the switching methods' choices, as they fall."""
+    model = make_net()
+    opt = METHODS[method](model.parameters())
+    step, out = SAMStep(opt, model), []
+    for x, y in make_batches("none", 0):
+        step.run(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
+        out.append(step.ascending)
+        opt.step()
+        opt.zero_grad()
+    return tuple(out)
+
+
 def last_forward(method: str, bad: int) -> str:
     """The step's last forward pass: at the weights SAM moved to, unless the step takes one pass at w."""
-    return "forward_at_w" if method in ("looksam", "interval") and bad % 2 == 1 else "forward_moved"
+    return "forward_moved" if ascents(method)[bad] else "forward_at_w"
+
+
+def test_both_kinds_of_step_meet_the_faults() -> None:
+    for method in ("looksam", "interval", "aesam", "aelooksam", "rst"):
+        assert {ascents(method)[bad] for bad in BAD} == {True, False}, method
 
 
 @pytest.mark.parametrize("bad", BAD)
@@ -241,8 +268,10 @@ SITES = [
 def test_a_plain_loop_retries_a_batch_after_an_exception_in_any_pass(method: str, site: str) -> None:
     """An out-of-memory error in either forward or backward pass of a step that moves the weights: back at w at
     once, and the batch run again is as if it had run once."""
-    batches = make_batches("exception_retry", 4)
-    run, reference = plain_run(method, "nan_fp32", batches, fail=(4, site)), plain_run(method, "nan_fp32", batches)
+    bad = next(bad for bad in BAD if ascents(method)[bad])
+    batches = make_batches("exception_retry", bad)
+    run = plain_run(method, "nan_fp32", batches, fail=(bad, site))
+    reference = plain_run(method, "nan_fp32", batches)
     assert run.raised == 1, "the fault happened"
     assert_same(run, reference)
 
@@ -273,8 +302,7 @@ class FaultNet(SAMMixin, pl.LightningModule):
         self.taken: list[int] = [0]
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        opt = self.trainer.optimizers[0]
-        last_pass = self.sam_second_pass or not opt.protocol.ctx.ascending
+        last_pass = self.sam_second_pass or not ascents(self.method)[batch_idx]  # no step skipped: batch = step
         if batch_idx == self.fail_at and last_pass and not self.raised:
             self.raised += 1
             raise SimulatedOOM("out of memory (simulated)")
