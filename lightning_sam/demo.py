@@ -476,6 +476,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lightning-sam demo: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     total = time.perf_counter() - start
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # DDP: no gloo thread left to abort a rank as it exits
     if not results[-1].rank_zero:
         return 0
     from lightning_sam._demo_plot import draw
