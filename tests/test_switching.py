@@ -19,6 +19,8 @@ from helpers import ResumableLoader, flat_params, run_worker, trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
+from test_variants import base_step
+from test_variants import global_dot as dot
 from torch import nn
 
 from lightning_sam import AESAM, RST, SAM, AELookSAM, SAMMixin, SAMStep
@@ -26,6 +28,7 @@ from lightning_sam._registry import METHODS as REGISTRY
 
 HERE = Path(__file__).resolve().parent
 Batch = tuple[torch.Tensor, torch.Tensor]
+
 STEPS, RHO = 16, 0.05
 BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd_momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}),
@@ -55,10 +58,6 @@ def grads_at(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss_at(model, batch), list(model.parameters())))
 
 
-def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
-
-
 def grads_at_perturbed(model: nn.Module, batch: Batch, g: list[torch.Tensor]) -> list[torch.Tensor]:
     params, norm = list(model.parameters()), dot(g, g).sqrt()
     saved = [p.detach().clone() for p in params]
@@ -70,12 +69,6 @@ def grads_at_perturbed(model: nn.Module, batch: Batch, g: list[torch.Tensor]) ->
         for p, w in zip(params, saved, strict=True):
             p.copy_(w)
     return result
-
-
-def base_step(base: torch.optim.Optimizer, model: nn.Module, grads: list[torch.Tensor]) -> None:
-    for p, g in zip(model.parameters(), grads, strict=True):
-        p.grad = g
-    base.step()
 
 
 def ae_reference(
