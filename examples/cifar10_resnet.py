@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        logger: Any = WandbLogger(project="lightning-sam-cifar10", log_model=False)
+        from lightning_sam.wandb_integration import offline_unless_logged_in
+
+        # offline without a W&B login (wandb sync uploads the run later), as the demo does
+        logger: Any = WandbLogger(project="lightning-sam-cifar10", log_model=False, mode=offline_unless_logged_in())
     else:
         from lightning.pytorch.loggers import CSVLogger
 

@@ -25,6 +25,7 @@ __all__ = [
     "fsdp2_sharded_params",
     "group_by_device_and_dtype",
     "is_view",
+    "lightning_automatic_closure",
     "lightning_logging_step",
     "lightning_logs_this_batch",
     "lightning_steps_after_this_batch",
@@ -126,11 +127,36 @@ def lightning_steps_after_this_batch(trainer: pl.Trainer) -> bool:
 
 
 def lightning_logging_step(trainer: pl.Trainer) -> int:
-    """The step that Lightning's loggers record (optimizer steps, counted once per batch).
+    """The step that Lightning's own loggers would record a metric logged now at.
 
-    ``_TrainingEpochLoop._batches_that_stepped``: Lightning 2.5 - 2.6.
+    While a batch's hooks run, the optimizer steps counted once per batch before it (the step of
+    that batch's metrics); after an epoch's batch loop (epoch-end and train-end hooks), the last
+    batch's step, where Lightning logs its epoch metrics. ``_TrainingEpochLoop._batches_that_stepped``
+    (one more after the batch loop; ``_FitLoop.on_advance_end`` takes one off around the epoch
+    metrics) and ``batch_progress`` (a batch ready but not completed): Lightning 2.5 - 2.6.
     """
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    loop = trainer.fit_loop.epoch_loop
+    stepped = int(loop._batches_that_stepped)
+    current = loop.batch_progress.current
+    return stepped if current.ready > current.completed else max(stepped - 1, 0)
+
+
+def lightning_automatic_closure(closure: Any) -> Any | None:
+    """The LightningModule whose automatic optimization handed ``closure`` to ``optimizer.step``, if any.
+
+    Lightning's ``Closure`` (``lightning.pytorch.loops.optimization.automatic``) runs the training step
+    and the backward pass; the precision plugin's ``optimizer_step`` wraps it in a ``functools.partial``
+    of its ``_wrap_closure`` with the arguments ``(module, optimizer, closure)``: Lightning 2.5 - 2.6.
+    None for any other closure, and when Lightning was never imported.
+    """
+    import functools
+    import sys
+
+    automatic = sys.modules.get("lightning.pytorch.loops.optimization.automatic")
+    if automatic is None or not isinstance(closure, functools.partial) or len(closure.args) != 3:
+        return None
+    module, _, inner = closure.args
+    return module if isinstance(inner, automatic.Closure) else None
 
 
 def optimizers_in(configured: Any) -> list[Any]:

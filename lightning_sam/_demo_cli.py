@@ -20,6 +20,7 @@ from lightning_sam._registry import METHODS, Method
 
 __all__ = [
     "ACCELERATORS",
+    "COMMANDS",
     "DEFAULT_MEASURES",
     "DEFAULT_METHODS",
     "LOGGERS",
@@ -30,6 +31,7 @@ __all__ = [
     "STRATEGIES",
     "Method",
     "demo_parser",
+    "install_extra",
     "main_parser",
     "parse",
     "parse_demo",
@@ -65,6 +67,17 @@ TRAIN_SAMPLES = 1257  # scikit-learn's 1797 digits, 30% held out for the test sp
 
 
 DEFAULT_METHODS = ("sgd", "sam", "looksam")
+COMMANDS = ("demo", "plot")  # `plot` is dispatched by lightning_sam.__main__ before this parser
+
+
+def install_extra(extra: str) -> str:
+    """How to install one of the package's extras (it is not on PyPI yet: from the clone it was installed from).
+
+    Examples:
+        >>> install_extra("demo")
+        'pip install ".[demo]" in your lightning_sam clone'
+    """
+    return f'pip install ".[{extra}]" in your lightning_sam clone'
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -141,7 +154,7 @@ def demo_parser() -> argparse.ArgumentParser:
             "over seeds), draw one figure and log every run (to W&B offline without a login).\n\n"
             f"methods:\n{methods}"
         ),
-        epilog='Needs the demo extra: pip install "lightning-sam[demo]" (scikit-learn, matplotlib, W&B, TensorBoard)',
+        epilog=f"Needs the demo extra (scikit-learn, matplotlib, W&B, TensorBoard): {install_extra('demo')}",
     )
 
     def choices(values: Sequence[str]) -> str:
@@ -173,6 +186,9 @@ def demo_parser() -> argparse.ArgumentParser:
     _option(p, "--measures", list(DEFAULT_MEASURES), f"SharpnessMonitor measures, from {choices(MEASURE_NAMES)}",
             nargs="+", type=_choice(MEASURE_NAMES), metavar="MEASURE")  # fmt: skip
     _option(p, "--every-n-steps", 200, "interval of the Hessian measures, in optimizer steps", type=_number(int, 1))
+    _option(p, "--threads", 1, "torch's CPU threads per process, >= 1: the demo's MLP is too small for a second thread "
+            "to pay, and on a busy machine more threads than free cores slow it down severalfold",
+            type=_number(int, 1))  # fmt: skip
     _option(p, "--out-dir", Path("lightning_sam_demo"), "where the figure, results.csv and the logs go", type=Path)
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", action="store_true", help="progress bars even when stdout is not a terminal")
@@ -209,11 +225,11 @@ def parse_demo(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     for package in ("sklearn", "matplotlib"):
         if importlib.util.find_spec(package) is None:
-            parser.error(f'needs {package}, which the demo extra installs: pip install "lightning-sam[demo]"')
+            parser.error(f"needs {package}, which the demo extra installs: {install_extra('demo')}")
     packages = LOGGER_PACKAGES.get(args.logger, ())
     if packages and all(importlib.util.find_spec(name) is None for name in packages):
         parser.error(
-            f'--logger {args.logger} needs the {packages[0]} package: pip install "lightning-sam[demo]" '
+            f"--logger {args.logger} needs the {packages[0]} package: {install_extra('demo')} "
             f"(or another --logger: {', '.join(LOGGERS)})"
         )
     return args
@@ -230,20 +246,22 @@ def _version() -> str:
 
 
 def main_parser() -> argparse.ArgumentParser:
-    """The top-level ``lightning-sam`` command line; its one command so far is ``demo``."""
+    """The top-level ``lightning-sam`` command line: its commands are ``demo`` and ``plot``."""
     p = _OneLineParser(
         prog="lightning-sam",
-        usage="lightning-sam [-h] [--version] demo [options]",
+        usage="lightning-sam [-h] [--version] {demo,plot} [options]",
         description="Sharpness-Aware Minimization for PyTorch and PyTorch Lightning.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "commands:\n"
             "  demo        SGD, SAM and SAM's variants side by side on digits with noisy labels\n"
-            "              (lightning-sam demo --help lists its options)"
+            "              (lightning-sam demo --help lists its options)\n"
+            "  plot        the sharpness curves of your own runs (W&B, CSV or TensorBoard logs) in one PNG\n"
+            "              (lightning-sam plot --help lists its options)"
         ),
     )
     p.add_argument("--version", action="version", version=f"lightning-sam {_version()}")
-    p.add_argument("command", nargs="?", type=_choice(["demo"]), metavar="COMMAND", help=argparse.SUPPRESS)
+    p.add_argument("command", nargs="?", type=_choice(list(COMMANDS)), metavar="COMMAND", help=argparse.SUPPRESS)
     return p
 
 
@@ -259,8 +277,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         return parse_demo(argv[1:])
     top = main_parser()
     if not argv:
-        top.error("a command is needed; valid commands: demo (lightning-sam --help for more)")
+        top.error(f"a command is needed; valid commands: {', '.join(COMMANDS)} (lightning-sam --help for more)")
     if not argv[0].startswith("-"):
-        top.error(f"unknown command {argv[0]!r}; valid commands: demo (lightning-sam --help for more)")
+        top.error(f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)} (lightning-sam --help for more)")
     top.parse_args(argv)  # --help and --version exit with 0, anything else with one line and 2
     top.error(f"unrecognized arguments: {' '.join(argv)}")

@@ -7,7 +7,7 @@ one figure and ``results.csv``, and logs every run with its full configuration (
 project by default, offline without a W&B login). The command line is parsed and checked, without
 importing torch, by ``lightning_sam._demo_cli``.
 
-Needs the ``demo`` extra (scikit-learn, matplotlib, wandb, tensorboard): ``pip install "lightning-sam[demo]"``.
+Needs the ``demo`` extra (scikit-learn, matplotlib, wandb, tensorboard): ``pip install ".[demo]"`` in the clone.
 """
 
 from __future__ import annotations
@@ -256,19 +256,10 @@ def _logger(kind: str, out_dir: Path, name: str, group: str) -> Any:
         return TensorBoardLogger(out_dir, name=name)
     from lightning.pytorch.loggers import WandbLogger
 
+    from lightning_sam.wandb_integration import offline_unless_logged_in
+
     # Offline unless logged in (or WANDB_MODE says otherwise): an explicit wandb.init(mode=...) beats any setting.
-    mode = None if "WANDB_MODE" in os.environ or _wandb_logged_in() else "offline"
-    return WandbLogger(project=PROJECT, name=name, group=group, save_dir=str(out_dir), mode=mode)
-
-
-def _wandb_logged_in() -> bool:
-    """Whether W&B has credentials, asked without a prompt or a network call."""
-    import wandb
-
-    try:
-        return bool(wandb.login(prompt=False, verify=False))
-    except TypeError:  # a wandb without login(prompt=...)
-        return bool(os.environ.get("WANDB_API_KEY"))
+    return WandbLogger(project=PROJECT, name=name, group=group, save_dir=str(out_dir), mode=offline_unless_logged_in())
 
 
 def run_config(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
@@ -325,8 +316,8 @@ def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
         raise _Rejected(f"--accelerator/--devices/--strategy/--precision ({given}): {error}") from None
 
 
-def fit_one(args: argparse.Namespace, method: str, seed: int, out_dir: Path) -> RunResult:
-    """Train one model and collect its numbers."""
+def fit_one(args: argparse.Namespace, method: str, seed: int, out_dir: Path, announce: str | None = None) -> RunResult:
+    """Train one model and collect its numbers; ``announce`` is printed once its Trainer accepted the settings."""
     pl.seed_everything(seed, verbose=False)
     train_set, test_set = noisy_digits(args.noise, seed)
     module = build_module(method, args)
@@ -348,6 +339,8 @@ def fit_one(args: argparse.Namespace, method: str, seed: int, out_dir: Path) -> 
         enable_progress_bar=(sys.stdout.isatty() or args.progress) and not args.quiet,
         default_root_dir=out_dir,
     )
+    if announce and _is_launcher_rank():
+        print(announce, flush=True)
     config = run_config(args, method, seed)
     if logger:
         logger.log_hyperparams(config)
@@ -444,12 +437,40 @@ def _cpu_name() -> str:
 
 def machine(args: argparse.Namespace) -> str:
     """Where the demo ran, in one line: processor, cores, threads, versions and the Trainer's device flags."""
-    device = f"{_cpu_name()}, {os.cpu_count()} CPU cores, torch uses {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    device = f"{_cpu_name()}, {os.cpu_count()} CPU cores, torch on {threads} thread{'s' * (threads > 1)}"
     if args.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         device = f"{torch.cuda.get_device_name(0)}, {device}"
     versions = f"torch {torch.__version__}, lightning {_version('lightning')}, Python {platform.python_version()}"
     flags = f"{args.precision} on {args.accelerator} x {args.devices} ({args.strategy})"
     return f"{platform.system()}, {device}; {versions}; {flags}"
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the system has none): how busy it was around the runs."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _is_launcher_rank() -> bool:
+    """Whether this process is the one the user started (DDP's launcher sets LOCAL_RANK in the copies it starts)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def report_run(result: RunResult, done: int, planned: int) -> None:
+    """One line for a finished run, flushed at once (a pipe or a log file gets it too), from rank zero only.
+
+    Examples:
+        >>> report_run(RunResult("SAM", 1, 0.906, 1.2, 5.61, {}, settings="rho=0.2"), 2, 9)
+        [2/9] SAM (rho=0.2), seed 1: clean test accuracy 90.6%, 5.6 s
+    """
+    if result.rank_zero:
+        settings = f" ({result.settings})" if result.settings else ""
+        accuracy = f"clean test accuracy {100 * result.test_acc:.1f}%"
+        print(f"[{done}/{planned}] {result.name}{settings}, seed {result.seed}: {accuracy}, {result.seconds:.1f} s",
+              flush=True)  # fmt: skip
 
 
 def write_csv(results: list[RunResult], path: Path) -> Path:
@@ -468,14 +489,25 @@ def write_csv(results: list[RunResult], path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments (from ``lightning_sam._demo_cli.parse_demo``); returns the exit code."""
+    torch.set_num_threads(args.threads)  # in every process: DDP runs this whole command once per rank
+    load_before = load_average()
+    planned = [(m, seed) for seed in args.seeds for m in args.methods]  # seed-major: a slow spell hits every method
+    threads = f"{args.threads} thread{'s' * (args.threads > 1)}"
+    announce = f"{len(planned)} runs, torch on {threads} per process; a line as each one ends"
     start = time.perf_counter()
+    results: list[RunResult] = []
     try:
-        with _quiet():  # seed-major order: a slow spell of a shared machine hits every method, not one
-            results = [fit_one(args, m, seed, args.out_dir) for seed in args.seeds for m in args.methods]
+        with _quiet():
+            for m, seed in planned:
+                results.append(fit_one(args, m, seed, args.out_dir, announce=None if results else announce))
+                report_run(results[-1], len(results), len(planned))
     except _Rejected as error:
         print(f"lightning-sam demo: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     total = time.perf_counter() - start
+    load_after = load_average()
+    loaded = load_before is not None and load_after is not None
+    load = f"load average {load_before:.1f} before, {load_after:.1f} after" if loaded else ""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # DDP: no gloo thread left to abort a rank as it exits
     if not results[-1].rank_zero:
@@ -489,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.batch_size}, SGD lr {args.lr} (momentum 0.9, weight decay 5e-4), seeds {seeds}"
     )
     where = machine(args)
-    timing = f"{len(results)} runs in {total:.0f} s"
+    timing = f"{len(results)} runs in {total:.0f} s" + (f" ({load})" if load else "")
     print()
     print(setting)
     print(f"mean ± sd over {len(args.seeds)} seed(s); the monitor's first_order at rho={args.rho} for every method")
@@ -497,7 +529,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{timing}, on {where}")
     table = write_csv(results, args.out_dir / "results.csv")
     keys = sharpness_keys(results, args.measures)
-    figure = draw(results, keys, args.out_dir / FIGURE, title=f"{setting}\n{timing}, on {where}")
+    # The cost panel's times are this machine's at this load, not the methods' intrinsic costs: its label says so.
+    conditions = f"torch on {threads}" + (f", load {load_before:.1f} → {load_after:.1f}" if loaded else "")
+    figure = draw(results, keys, args.out_dir / FIGURE, title=f"{setting}\n{timing}, on {where}", cost_note=conditions)
     print(f"Figure: {figure}\nPer run: {table}")
     offline = [r.wandb_dir for r in results if r.wandb_dir and "offline-run" in r.wandb_dir]
     if offline:

@@ -76,6 +76,14 @@ class HVPFallbackWarning(RuntimeWarning):
     """Double backward failed and Hessian-vector products fell back to finite differences."""
 
 
+class _NoGradientGraph(Exception):
+    """The backward with ``create_graph=True`` raised ``error`` (a gradient without a graph to differentiate)."""
+
+    def __init__(self, error: RuntimeError | NotImplementedError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _placements(p: Tensor, ndim: int) -> tuple[Any, ...]:
     """A DTensor's placements; a plain tensor among DTensors is whole on every rank (replicated)."""
     return tuple(p.placements) if isinstance(p, DTensor) else (Replicate(),) * ndim
@@ -352,7 +360,11 @@ class HessianOperator:
         self._holders: list[Tensor] | None = None
         self._rho: float | None = None
         if backend != "finite_difference":
-            grads = self._gradient(create_graph=True)
+            try:
+                grads = self._gradient(create_graph=True)
+            except _NoGradientGraph as failed:
+                self._fall_back(failed.error, stacklevel=4)
+                return
             if not self._by_backward:
                 self._grads = grads
             elif backend == "autograd":
@@ -421,17 +433,23 @@ class HessianOperator:
         try:
             return self._double_backward(vectors)
         except (RuntimeError, NotImplementedError) as error:
-            if self.backend != "auto" or isinstance(error, torch.OutOfMemoryError):
-                raise
-            warnings.warn(
-                "Hessian-vector products fall back to finite differences of two gradients, because double "
-                f"backward failed ({str(error).splitlines()[0]}); pass hvp='finite_difference' to choose it "
-                "upfront, or hvp='autograd' to make this an error.",
-                HVPFallbackWarning,
-                stacklevel=5,
-            )
-            self.backend, self._grads = "finite_difference", None
+            self._fall_back(error, stacklevel=6)
             return self._finite_difference(vectors, step)
+
+    def _fall_back(self, error: BaseException, stacklevel: int) -> None:
+        """Double backward raised ``error``: finite differences from now on (one warning), or re-raise it."""
+        if self.backend != "auto" or isinstance(error, torch.OutOfMemoryError):
+            raise error from None
+        # The error's first sentence: its advice (aot_autograd's to turn off buffer donation) would not help here.
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            "Hessian-vector products fall back to finite differences of two gradients, because double "
+            f"backward failed ({reason}); pass hvp='finite_difference' to choose it "
+            "upfront, or hvp='autograd' to make this an error.",
+            HVPFallbackWarning,
+            stacklevel=stacklevel,
+        )
+        self.backend, self._grads = "finite_difference", None
 
     def _gradient(self, create_graph: bool) -> list[Tensor]:
         """``∇L`` at the current weights, one tensor per parameter (placed like it; zeros where the loss ignores it)."""
@@ -441,9 +459,20 @@ class HessianOperator:
             loss = self.loss_fn()
             if self._by_backward:
                 return self._backward_gradient(loss)
-            grads = torch.autograd.grad(
-                loss, self.params, create_graph=create_graph, allow_unused=True, retain_graph=True if detect else None
-            )
+            try:
+                grads = torch.autograd.grad(
+                    loss,
+                    self.params,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                    retain_graph=True if detect else None,
+                )
+            except (RuntimeError, NotImplementedError) as error:
+                if not create_graph or isinstance(error, torch.OutOfMemoryError):
+                    raise
+                # A backward that cannot build its own graph: a torch.compile'd module's, compiled before by a
+                # training step (aot_autograd donated buffers to it, and raises under create_graph=True).
+                raise _NoGradientGraph(error) from error
             if detect:
                 # FSDP2's parameters are not in the loss's graph (gathered outside autograd): no gradient for any.
                 self._by_backward = loss.requires_grad and all(g is None for g in grads)

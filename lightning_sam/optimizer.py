@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_sam._compat import lightning_automatic_closure
 from lightning_sam.policy import Policy, Schedule, is_number
 from lightning_sam.protocol import StepProtocol
 
@@ -301,6 +303,8 @@ class SAM(Optimizer):
                 protocol.end_micro_batch()
             protocol.finish()
             return loss
+        if _lacks_the_mixin(lightning_automatic_closure(closure)):  # no gradient at w: the forward runs inside
+            raise _without_mixin(self)
         if not (protocol.begin().ascending and protocol.decide()):  # one pass: the gradient at w is the one
             protocol.finish()
             return None
@@ -461,6 +465,27 @@ def _needs_a_closure(optimizer: SAM) -> str:
     return (
         "SAM.step() needs a closure that computes the loss and calls backward() at the perturbed weights, e.g. "
         "opt.step(closure); or call opt.first_step() and the backward pass first."
+    )
+
+
+def _lacks_the_mixin(module: Any | None) -> bool:
+    """Whether ``module`` is a LightningModule without SAMMixin (None: no Lightning loop called)."""
+    if module is None:
+        return False
+    mixin = sys.modules.get("lightning_sam.mixin")  # not imported: no module can be a SAMMixin
+    return mixin is None or not isinstance(module, mixin.SAMMixin)
+
+
+def _without_mixin(optimizer: SAM) -> Exception:
+    """The error for a LightningModule under automatic optimization that returns a SAM without SAMMixin."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # Lightning called: it is there
+
+    name = type(optimizer).__name__
+    return MisconfigurationException(
+        f"configure_optimizers returned a {name}, but the LightningModule does not use SAMMixin: Lightning's "
+        f"automatic optimization runs the forward and backward inside {name}.step(closure), so {name} would train "
+        "with the base optimizer alone. Put SAMMixin first among the module's bases: "
+        "`from lightning_sam import SAMMixin` and `class Model(SAMMixin, pl.LightningModule)`."
     )
 
 

@@ -6,6 +6,7 @@ and ``landscape_epochs`` and runs them on its own fixed batch; each also works a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_sam import sharpness
+from lightning_sam._compat import lightning_logging_step
 from lightning_sam._measuring import LINALG_ERROR, FixedBatchProbe, LossFn, MeasureFailed, log_round, warn_once
 from lightning_sam.figures import density_curve, save_spectrum_figure
 from lightning_sam.hessian import Spectrum
@@ -86,7 +88,9 @@ class SpectrumPlot(_EpochEndPlot):
 
     Logs ``sharpness/negative_fraction`` to every logger, a W&B line plot
     ``sharpness/spectrum`` (log10 density against eigenvalue), and a figure file
-    ``<log_dir>/sharpness/spectrum_epochNNN.png``; keeps ``(epoch, Spectrum)`` in ``spectra``.
+    ``<log_dir>/sharpness/spectrum_epochNNN.png`` (``spectrum_<run>_epochNNN.png`` where runs share
+    the folder: a ``WandbLogger``'s, or none), titled with its run and step; keeps ``(epoch, Spectrum)``
+    in ``spectra`` and the step each was logged at in ``spectrum_at``.
     On DDP every rank's runs (on its own batch) go into one density; on sharded
     parameters (FSDP2, tensor parallelism) the density is of the global Hessian, the same
     on every rank.
@@ -121,6 +125,7 @@ class SpectrumPlot(_EpochEndPlot):
         self.iters, self.runs = _checked("spectrum_iters", iters, "count"), _checked("spectrum_runs", runs, "count")
         self.hvp = _checked("hvp", hvp, "hvp")
         self.spectra: list[tuple[int, Spectrum]] = []
+        self.spectrum_at: list[int] = []  # the logged step of each of spectra
 
     def plot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Estimate the density on the fixed batch, then log it; every rank runs this at the same epoch end."""
@@ -156,18 +161,21 @@ class SpectrumPlot(_EpochEndPlot):
         logged = log_round(trainer, {"negative_fraction": "mean"}, fraction, error)
         if spectrum is None:
             return logged
-        epoch, step = trainer.current_epoch, trainer.global_step
+        epoch, step = trainer.current_epoch, lightning_logging_step(trainer)
+        self.spectrum_at.append(step)
         self.spectra.append((epoch, spectrum))
         log_dir = trainer.log_dir  # a collective on DDP (a broadcast of rank zero's): every rank asks
         if not trainer.is_global_zero:
             return logged
-        title = f"Hessian eigenvalue density, epoch {epoch}"
+        run, shared = run_name(trainer, log_dir)
+        title = f"Hessian eigenvalue density{f', {run}' if run else ''}, epoch {epoch} (step {step})"
         wandb_logger = find_wandb_logger(trainer.loggers)
         if wandb_logger is not None:
             grid, density = density_curve(spectrum)
             curves = {"log10 density": density.clamp_min(1e-12).log10()}
             log_line_plot(wandb_logger, "sharpness/spectrum", grid, curves, step, title, xname="Hessian eigenvalue")
-        path = Path(log_dir or trainer.default_root_dir) / "sharpness" / f"spectrum_epoch{epoch:03d}.png"
+        name = f"spectrum_{run}_epoch{epoch:03d}.png" if shared and run else f"spectrum_epoch{epoch:03d}.png"
+        path = Path(log_dir or trainer.default_root_dir) / "sharpness" / name
         try:
             save_spectrum_figure({"density": spectrum}, path, title)
         except ImportError:
@@ -177,6 +185,26 @@ class SpectrumPlot(_EpochEndPlot):
                 "SharpnessMonitor: the spectrum figure needs matplotlib: pip install matplotlib.",
             )
         return logged
+
+
+def run_name(trainer: pl.Trainer, log_dir: str | None) -> tuple[str, bool]:
+    """The run a figure belongs to, and whether runs share the folder it goes to.
+
+    A ``WandbLogger``'s runs share its ``save_dir``: its run's name and id tell them apart. A
+    ``CSVLogger`` or ``TensorBoardLogger`` writes each run to a folder of its own (``version_N``).
+    Without a logger the runs share ``default_root_dir``, with nothing to name them by but the time.
+    """
+    logger = trainer.logger
+    if logger is None:
+        return time.strftime("%Y%m%d-%H%M%S"), True
+    wandb_logger = find_wandb_logger(trainer.loggers)
+    if wandb_logger is not None:
+        experiment: Any = wandb_logger.experiment
+        name = "-".join(str(part) for part in dict.fromkeys((experiment.name, experiment.id)) if part)
+        return name.replace("/", "_"), True
+    version = logger.version
+    run = version if isinstance(version, str) else f"version_{version}"
+    return run, Path(log_dir or "") == Path(logger.save_dir or "")  # log_dir: trainer.log_dir, asked on every rank
 
 
 class LandscapePlot(_EpochEndPlot):
@@ -263,7 +291,7 @@ class LandscapePlot(_EpochEndPlot):
                 "sharpness/landscape",
                 alphas,
                 {"gradient direction": curves[0].cpu(), "random direction": curves[1].cpu()},
-                step=trainer.global_step,
+                step=lightning_logging_step(trainer),
                 title=f"Loss along filter-normalized directions, epoch {trainer.current_epoch}",
                 xname="step along the filter-normalized direction",
             )

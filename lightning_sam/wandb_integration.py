@@ -6,13 +6,14 @@ the Trainer has a ``WandbLogger``; other loggers get the plain scalars.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import Tensor
 
-__all__ = ["define_sharpness_metrics", "find_wandb_logger", "log_line_plot"]
+__all__ = ["define_sharpness_metrics", "find_wandb_logger", "log_line_plot", "offline_unless_logged_in"]
 
 
 def find_wandb_logger(loggers: Sequence[Logger]) -> WandbLogger | None:
@@ -56,3 +57,27 @@ def log_line_plot(
         xname=xname,
     )
     logger.experiment.log({key: plot, "trainer/global_step": step})
+
+
+def offline_unless_logged_in() -> str | None:
+    """The ``mode`` for ``WandbLogger``: ``"offline"`` without W&B credentials, else None (W&B's own choice).
+
+    ``WANDB_MODE`` set in the environment wins (None). Asked without a prompt or a network call, so
+    that a run started without a login logs offline instead of stopping to ask for one.
+
+    Examples:
+        >>> import os
+        >>> os.environ["WANDB_MODE"] = "offline"
+        >>> offline_unless_logged_in() is None
+        True
+        >>> del os.environ["WANDB_MODE"]
+    """
+    if "WANDB_MODE" in os.environ:
+        return None
+    import wandb
+
+    try:
+        logged_in = bool(wandb.login(prompt=False, verify=False))
+    except TypeError:  # a wandb without login(prompt=...)
+        logged_in = bool(os.environ.get("WANDB_API_KEY"))
+    return None if logged_in else "offline"

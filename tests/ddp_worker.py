@@ -10,12 +10,13 @@ import functools
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest.mock import patch
 
 import lightning.pytorch as pl
 import torch
-from helpers import Net, SAMNet, dataset, flat_params, trainer
+from helpers import Net, SAMNet, dataset, end_process_group, flat_params, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -199,12 +200,16 @@ def _loss_along_failing_on_rank_one(*args: Any, **kwargs: Any) -> Any:
     return _LOSS_ALONG(*args, **kwargs)
 
 
+# What the plots read of a WandbLogger besides the patched log_line_plot: its run's name and id (figure file names).
+FAKE_WANDB_LOGGER = SimpleNamespace(experiment=SimpleNamespace(name="fake-run", id="0"))
+
+
 def landscape_failing_on_rank_one(out_dir: Path) -> None:
     """The landscape plot fails on rank 1 at the end of epoch 0 (a W&B logger stands in): both ranks must raise."""
     monitor = RecordingMonitor(measures=["grad_norm"], landscape_epochs=[0], landscape_points=3)
     fit = monitored_trainer(monitor, out_dir)
     with (
-        patch.object(plots, "find_wandb_logger", lambda loggers: object()),
+        patch.object(plots, "find_wandb_logger", lambda loggers: FAKE_WANDB_LOGGER),
         patch.object(plots, "log_line_plot", lambda *args, **kwargs: None),
         patch.object(plots.sharpness, "loss_along", _loss_along_failing_on_rank_one),
     ):
@@ -310,8 +315,7 @@ def main(out_dir: Path, modes: list[str]) -> None:
             failing_on_rank_one(out_dir / mode, raises=mode.endswith("raises"))
         else:
             run(mode, out_dir / mode)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left to abort the process
+    end_process_group()  # a clean exit: no gloo thread left to abort the process
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from helpers import end_process_group
 from torch import nn
 
 WORLD = 2
@@ -176,11 +177,9 @@ def measure(mode: str) -> dict[str, Any]:
 def run(rank: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    try:
-        results = {mode: measure(mode) for mode in ("fsdp2", "tensor_parallel")}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    results = {mode: measure(mode) for mode in ("fsdp2", "tensor_parallel")}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def test_version_and_commands() -> None:
 def test_a_logger_without_its_package_names_the_extra(logger: str) -> None:
     hide = "; ".join(f"sys.modules[{name!r}] = None" for name in LOGGER_PACKAGES[logger])
     code = f"import sys; {hide}; from lightning_sam.__main__ import main; sys.exit(main(sys.argv[1:]))"
-    assert_one_line_error(cli("demo", "--logger", logger, code=code), f"--logger {logger}", "lightning-sam[demo]")
+    assert_one_line_error(cli("demo", "--logger", logger, code=code), f"--logger {logger}", 'pip install ".[demo]"')
 
 
 def test_a_setting_lightning_rejects_is_one_line_too() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,8 +73,18 @@ def test_adaptive_runs_asam_and_says_so() -> None:
 
 
 def test_demo_prints_one_row_per_method_and_writes_the_figure_the_csv_and_the_configs(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lightning_sam import _demo_plot
+
+    notes: list[str] = []
+    real_draw = _demo_plot.draw
+
+    def recording_draw(*args: Any, **kwargs: Any) -> Path:
+        notes.append(kwargs["cost_note"])
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(_demo_plot, "draw", recording_draw)
     argv = ["--epochs", "2", "--seeds", "0", "1", "--methods", "sgd", "sam", "looksam", "--logger", "csv"]
     code = main([*argv, "--progress", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
@@ -98,6 +110,7 @@ def test_demo_prints_one_row_per_method_and_writes_the_figure_the_csv_and_the_co
     assert all(row.count(" ± ") >= 5 for row in rows), "mean ± sd of accuracy, loss, sharpness and wall time"
     assert "6 runs in" in out and "CPU cores" in out and f"torch {torch.__version__}" in out
     assert (tmp_path / "sgd_vs_sam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(notes) == 1 and re.fullmatch(r"torch on 1 thread, load \d+\.\d → \d+\.\d", notes[0]), notes
     with (tmp_path / "results.csv").open() as f:
         runs = list(csv.DictReader(f))
     assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for s in "01" for m in ("sgd", "sam", "looksam")]
@@ -120,6 +133,27 @@ def test_the_output_is_quiet_when_piped(tmp_path: Path) -> None:
         assert noise not in both
     assert "| SGD | momentum 0.9 | 1 |" in done.stdout
     assert len(both) < 2000, both
+
+
+def test_a_piped_demo_reports_each_run_as_it_ends_and_runs_torch_on_the_threads_asked(tmp_path: Path) -> None:
+    """A pipe is block-buffered: without a flush nothing would arrive before the process exits."""
+    command = [sys.executable, "-m", "lightning_sam", "demo", "--epochs", "3", "--seeds", "0", "--methods", "sgd",
+               "sam", "--logger", "csv", "--threads", "2", "--out-dir", str(tmp_path)]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as demo:
+        assert demo.stdout is not None
+        first = [demo.stdout.readline() for _ in range(2)]
+        running = demo.poll() is None  # the SAM run, the table and the figure are still to come
+        rest = demo.stdout.read()
+    assert demo.returncode == 0
+    assert first[0] == "2 runs, torch on 2 threads per process; a line as each one ends\n"
+    assert re.fullmatch(r"\[1/2\] SGD \(momentum 0\.9\), seed 0: clean test accuracy \d+\.\d%, \d+\.\d s\n", first[1])
+    assert running, "the first run's line arrived while the demo was still running"
+    assert re.search(r"^\[2/2\] SAM \(rho=0\.2\), seed 0: ", rest, re.M)
+    assert rest.index("[2/2]") < rest.index("| method |"), "each run's line comes before the table"
+    assert re.search(r"2 runs in \d+ s \(load average \d+\.\d before, \d+\.\d after\)", rest)
+    assert "torch on 2 threads" in rest
+    for run in ("sgd-seed0", "sam-seed0"):
+        assert "torch_threads: 2" in (tmp_path / run / "version_0" / "hparams.yaml").read_text()
 
 
 def test_demo_logs_each_run_s_config_to_wandb_offline_without_a_login(tmp_path: Path) -> None:
@@ -205,6 +239,8 @@ def test_demo_runs_under_ddp_on_two_cpu_processes_and_reports_the_slowest_rank(t
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| SAM | rho=0.2 | 1 |") == 1, "the table is printed once, by rank zero"
+    assert done.stdout.count("2 runs, torch on 1 thread per process") == 1
+    assert done.stdout.count("[1/2] SGD") == done.stdout.count("[2/2] SAM") == 1, "one line per run, from rank zero"
     with (tmp_path / "results.csv").open() as f:
         runs = list(csv.DictReader(f))
     for run in runs:

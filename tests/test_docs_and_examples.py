@@ -69,6 +69,28 @@ def test_cifar10_resnet_example_on_fake_data(monkeypatch: pytest.MonkeyPatch, tm
     assert "sharpness/grad_norm" in metrics
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_cifar10_resnet_example_logs_to_wandb_offline_without_a_login(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import wandb
+
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "HOME"):
+        monkeypatch.setenv(var, str(tmp_path))  # no credentials anywhere (HOME: no ~/.netrc)
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    argv = ["--fake-data", "--max-steps", "2", "--batch-size", "4", "--logger", "wandb", "--measures", "grad_norm"]
+    try:
+        run_example("cifar10_resnet.py", argv, monkeypatch, tmp_path)
+    finally:
+        wandb.finish()
+        wandb.teardown()  # W&B keeps the settings it first read (no WANDB_MODE here) for later runs in this process
+    assert list(tmp_path.glob("wandb/offline-run-*")), "an offline run, without asking for a login"
+
+
 def test_lightning_cli_example_with_its_yaml(tmp_path: Path) -> None:
     done = subprocess.run(
         [

@@ -25,6 +25,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from torch import nn
 
+import lightning_sam
 from lightning_sam import SAM, SAMMixin
 from lightning_sam.mixin import planned_steps
 
@@ -499,3 +500,67 @@ def test_the_sharpness_monitor_leaves_every_random_stream_as_it_found_it(tmp_pat
     (numpy, python, *tensors), (numpy_m, python_m, *tensors_m) = runs
     assert np.array_equal(numpy, numpy_m) and python == python_m
     assert all(torch.equal(a, b) for a, b in zip(tensors, tensors_m, strict=True)), "torch's, the module's, weights"
+
+
+# A SAM without SAMMixin ---------------------------------------------------------------------------------------------
+
+
+class WithoutMixin(Net):
+    """A plain LightningModule returning a SAM (or a variant): the mixin forgotten."""
+
+    def __init__(self, kind: type[SAM], **kwargs: Any) -> None:
+        super().__init__()
+        self.kind, self.kwargs = kind, kwargs
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return self.kind(self.parameters(), torch.optim.SGD, lr=0.1, **self.kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [(SAM, {}), (SAM, {"adaptive": True}), (lightning_sam.LookSAM, {"k": 2}), (lightning_sam.AESAM, {})],
+    ids=["sam", "asam", "looksam", "aesam"],
+)
+def test_a_sam_without_sammixin_is_refused_at_its_first_step_naming_the_fix(kind: type[SAM], kwargs: Any) -> None:
+    """Without the mixin the forward runs inside step(closure): SAM would silently train the base optimizer alone."""
+    torch.manual_seed(0)
+    module = WithoutMixin(kind, **kwargs)
+    before = flat_params(module).clone()
+    with pytest.raises(MisconfigurationException, match=r"does not use SAMMixin.*class Model\(SAMMixin, pl\.Light"):
+        trainer().fit(module, loader())
+    assert torch.equal(flat_params(module), before)  # refused before anything moved
+
+    torch.manual_seed(0)
+    fixed = type("Fixed", (SAMMixin, WithoutMixin), {})(kind, **kwargs)  # the fix the message names
+    trainer().fit(fixed, loader())
+    assert fixed.trainer.optimizers[0].steps_taken == 8
+
+
+def test_manual_optimization_with_a_sam_closure_is_not_mistaken_for_a_missing_mixin() -> None:
+    """davda54's closure loop under manual optimization: Lightning wraps the user's closure, not its own."""
+
+    class Manual(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def make_optimizer(self) -> torch.optim.Optimizer:
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt = self.optimizers()
+            x, y = batch
+
+            def closure() -> torch.Tensor:
+                loss = nn.functional.cross_entropy(self(x), y)
+                self.manual_backward(loss)
+                return loss
+
+            opt.zero_grad()
+            closure()
+            opt.step(closure)
+
+    torch.manual_seed(0)
+    module = Manual()
+    trainer().fit(module, loader())
+    torch.testing.assert_close(flat_params(module), reference_sam(), rtol=0, atol=1e-5)

@@ -201,6 +201,69 @@ def test_spectrum_epochs_log_the_density_figure_and_the_negative_fraction(tmp_pa
     assert logged == pytest.approx([s.negative_fraction().item() for _, s in monitor.spectra])
 
 
+class TinyLogging(Tiny):
+    """Logs the step it sees on every batch and a metric at each epoch's end, as Lightning records them."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.log("steps_before", float(self.global_step), on_step=True, on_epoch=False)
+        self.log("epoch_metric", 1.0, on_step=False, on_epoch=True)
+        return super().training_step(batch, batch_idx)
+
+
+def test_scheduled_epoch_end_and_end_of_fit_measurements_share_lightnings_step_axis(tmp_path: Path) -> None:
+    """A measurement after k updates is logged where Lightning logs that batch's metrics (k - 1), at the end too."""
+    monitor = SharpnessMonitor(measures=["hessian_max_eig"], every_n_steps=3, spectrum_epochs=[0], spectrum_iters=10)
+    logger = csv_logger(tmp_path)
+    trainer(max_epochs=1, logger=logger, log_every_n_steps=1, callbacks=[monitor]).fit(TinyLogging(), loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+
+    def steps(key: str) -> list[int]:
+        return [int(row["step"]) for row in rows if row.get(key)]
+
+    # 8 batches: measured after 3 and 6 updates (the batches Lightning logs at 2 and 5) and after all 8 (at 7)
+    assert steps("sharpness/hessian_max_eig") == [2, 5, 7]
+    assert [int(float(r["steps_before"])) for r in rows if r.get("steps_before")] == list(range(8))
+    assert steps("epoch_metric") == [7] == steps("sharpness/negative_fraction"), "epoch end: the last batch's step"
+    assert [s for s, row in monitor.history if "sharpness/hessian_max_eig" in row] == [2, 5, 7]
+    assert monitor.spectrum.spectrum_at == [7]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_spectrum_figures_of_runs_sharing_a_folder_are_named_per_run_and_titled(
+    wandb_offline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    from lightning_sam import plots
+
+    titles: list[str] = []
+    real = plots.save_spectrum_figure
+
+    def recording(spectra: Any, path: Path, title: str) -> Path:
+        titles.append(title)
+        return real(spectra, path, title)
+
+    monkeypatch.setattr(plots, "save_spectrum_figure", recording)
+    names = []
+    for name in ("sgd-seed0", "sam-seed0"):
+        monitor = SharpnessMonitor(measures=["grad_norm"], spectrum_epochs=[0], spectrum_iters=10)
+        logger = WandbLogger(project="p", name=name, save_dir=str(wandb_offline), offline=True)
+        trainer(max_epochs=1, logger=logger, callbacks=[monitor]).fit(Tiny(), loader())
+        names.append(f"{name}-{logger.experiment.id}")
+        wandb.finish()
+    files = sorted(p.name for p in (wandb_offline / "sharpness").glob("*.png"))
+    assert files == sorted(f"spectrum_{n}_epoch000.png" for n in names), "one figure per run, none overwritten"
+    assert titles == [f"Hessian eigenvalue density, {n}, epoch 0 (step 7)" for n in names]
+
+    csv_run = csv_logger(wandb_offline)  # a folder of its own per run: the name stays short
+    monitor = SharpnessMonitor(measures=["grad_norm"], spectrum_epochs=[0])
+    trainer(max_epochs=1, logger=csv_run, callbacks=[monitor]).fit(Tiny(), loader())
+    assert [p.name for p in (Path(csv_run.log_dir) / "sharpness").glob("*.png")] == ["spectrum_epoch000.png"]
+    assert titles[-1] == "Hessian eigenvalue density, version_0, epoch 0 (step 7)"
+
+
 class NoDoubleBackward(Tiny):
     """A custom autograd function without double backward (as fused attention kernels are)."""
 
@@ -364,7 +427,8 @@ def test_wandb_offline_run_logs_the_curves_summaries_and_landscape(wandb_offline
     assert len(spectrum) == 1, "one density plot, at the end of epoch 1"
     table = json.loads((run_dir / "files" / spectrum[0]["sharpness/spectrum_table.path"]).read_text())
     assert {row[1] for row in table["data"]} == {"log10 density"} and len(table["data"]) == 400
-    assert [row["trainer/global_step"] for row in rows if "sharpness/negative_fraction" in row] == [16]
+    # at the end of epoch 1: the last batch's step, where Lightning logs its own epoch metrics
+    assert [row["trainer/global_step"] for row in rows if "sharpness/negative_fraction" in row] == [15]
     metrics = [r["metric"] for r in records if r["type"] == "metric"]
     sharp = next(m for m in metrics if m.get("glob_name") == "sharpness/*")
     assert sharp["step_metric"] == "trainer/global_step"
