@@ -342,8 +342,14 @@ def read_runs(paths: Iterable[Path]) -> list[Run]:
 
 
 def _order(key: str) -> tuple[str, int, str]:
-    """Sort keys by their measure (diagnostics after it, hessian_eig_N in numeric order)."""
-    base, _, suffix = key.partition("_residual") if key.endswith("_residual") else key.partition("_stderr")
+    """Sort keys by their measure (its diagnostics right after it, hessian_eig_N in numeric order).
+
+    Examples:
+        >>> sorted(["h_eig_10", "h_eig_2_residual", "h_eig_2", "g_residual", "g"], key=_order)
+        ['g', 'g_residual', 'h_eig_2', 'h_eig_2_residual', 'h_eig_10']
+    """
+    suffix = next((s for s in ("_residual", "_stderr") if key.endswith(s)), "")
+    base = key[: len(key) - len(suffix)]
     match = re.fullmatch(r"(.*?)(\d+)", base)
     return (match.group(1), int(match.group(2)), suffix) if match else (base, -1, suffix)
 
