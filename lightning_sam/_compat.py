@@ -25,10 +25,10 @@ __all__ = [
     "fsdp2_sharded_params",
     "group_by_device_and_dtype",
     "is_view",
-    "lightning_automatic_closure",
     "lightning_logging_step",
     "lightning_logs_this_batch",
     "lightning_steps_after_this_batch",
+    "lightning_unrun_closure",
     "mark_stepped",
     "metric_bookkeeping",
     "optimizers_in",
@@ -141,13 +141,15 @@ def lightning_logging_step(trainer: pl.Trainer) -> int:
     return stepped if current.ready > current.completed else max(stepped - 1, 0)
 
 
-def lightning_automatic_closure(closure: Any) -> Any | None:
-    """The LightningModule whose automatic optimization handed ``closure`` to ``optimizer.step``, if any.
+def lightning_unrun_closure(closure: Any) -> Any | None:
+    """The LightningModule whose automatic optimization handed ``closure`` to ``optimizer.step`` unrun, if any.
 
     Lightning's ``Closure`` (``lightning.pytorch.loops.optimization.automatic``) runs the training step
     and the backward pass; the precision plugin's ``optimizer_step`` wraps it in a ``functools.partial``
-    of its ``_wrap_closure`` with the arguments ``(module, optimizer, closure)``: Lightning 2.5 - 2.6.
-    None for any other closure, and when Lightning was never imported.
+    of its ``_wrap_closure`` with the arguments ``(module, optimizer, closure)``, and the closure keeps
+    its output in ``_result`` (None until it runs; a fresh closure per batch): Lightning 2.5 - 2.6.
+    None for any other closure, for one that already ran (an ``optimizer_step`` override that called it
+    first, davda54's recipe), and when Lightning was never imported.
     """
     import functools
     import sys
@@ -156,7 +158,7 @@ def lightning_automatic_closure(closure: Any) -> Any | None:
     if automatic is None or not isinstance(closure, functools.partial) or len(closure.args) != 3:
         return None
     module, _, inner = closure.args
-    return module if isinstance(inner, automatic.Closure) else None
+    return module if isinstance(inner, automatic.Closure) and inner._result is None else None
 
 
 def optimizers_in(configured: Any) -> list[Any]:

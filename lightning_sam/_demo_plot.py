@@ -225,8 +225,14 @@ def runs_figure(runs: Sequence[Run], keys: Sequence[str], title: str = "") -> Fi
 
 
 def draw_runs(runs: Sequence[Run], keys: Sequence[str], path: Path, title: str = "") -> Path:
-    """Draw `runs_figure` and write it as a PNG (its folder created if missing)."""
-    fig = runs_figure(runs, keys, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    """Draw `runs_figure` and write it as a PNG (its folder created if missing).
+
+    Text is drawn as given: a ``$`` in a run's name or the title is not read as TeX math.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig = runs_figure(runs, keys, title)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
     return path

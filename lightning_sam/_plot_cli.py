@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         _check(parser, args)
-        from lightning_sam.runs import RunsError, find_runs, panel_keys, points, read_runs
+        from lightning_sam.runs import RunsError, drawable, find_runs, panel_keys, points, read_runs
 
         try:
             formats = {kind for kind, _ in find_runs(args.runs)}
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _need(parser, kind, f"to read {'W&B' if kind == 'wandb' else 'TensorBoard'} runs")
             runs = read_runs(args.runs)
             keys = panel_keys(runs, args.keys, args.metric)
+            runs, skipped = drawable(runs, keys)
         except RunsError as error:
             parser.error(str(error))
         except OSError as error:  # a file that cannot be read
@@ -119,10 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightning_sam._demo_plot import draw_runs
 
     try:
-        path = draw_runs(runs, keys, args.out, args.title)
+        with warnings.catch_warnings():  # numpy's overflow warnings on values near the float range: the error says it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            path = draw_runs(runs, keys, args.out, args.title)
     except OSError as error:
         print(f"{parser.prog}: error: cannot write {str(args.out)!r}: {error.strerror or error}", file=sys.stderr)
         return 2
+    except (ValueError, OverflowError) as error:  # matplotlib: values it cannot place on an axis (±1e308)
+        print(f"{parser.prog}: error: cannot draw these values: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
     count = points(runs, keys)
     print(f"wrote {path}: {len(runs)} run{'s' * (len(runs) != 1)}, {len(keys)} panels, {count} points")
+    if skipped:
+        print(f"skipped {len(skipped)} run{'s' * (len(skipped) != 1)} with nothing to draw in them: "
+              f"{', '.join(run.label for run in skipped)}")  # fmt: skip
     return 0

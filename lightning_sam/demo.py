@@ -489,7 +489,10 @@ def write_csv(results: list[RunResult], path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments (from ``lightning_sam._demo_cli.parse_demo``); returns the exit code."""
-    torch.set_num_threads(args.threads)  # in every process: DDP runs this whole command once per rank
+    # In every process (DDP runs this whole command once per rank); OMP_NUM_THREADS too, or Lightning's launcher
+    # would set cores // processes threads where it is unset.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
     load_before = load_average()
     planned = [(m, seed) for seed in args.seeds for m in args.methods]  # seed-major: a slow spell hits every method
     threads = f"{args.threads} thread{'s' * (args.threads > 1)}"

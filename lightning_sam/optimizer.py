@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_sam._compat import lightning_automatic_closure
+from lightning_sam._compat import lightning_unrun_closure
 from lightning_sam.policy import Policy, Schedule, is_number
 from lightning_sam.protocol import StepProtocol
 
@@ -303,7 +303,7 @@ class SAM(Optimizer):
                 protocol.end_micro_batch()
             protocol.finish()
             return loss
-        if _lacks_the_mixin(lightning_automatic_closure(closure)):  # no gradient at w: the forward runs inside
+        if _lacks_the_mixin(lightning_unrun_closure(closure)):  # no gradient at w: the forward runs inside
             raise _without_mixin(self)
         if not (protocol.begin().ascending and protocol.decide()):  # one pass: the gradient at w is the one
             protocol.finish()
@@ -460,12 +460,20 @@ def _validate_group(group: dict[str, Any]) -> None:
 
 
 def _needs_a_closure(optimizer: SAM) -> str:
+    name = type(optimizer).__name__
     if optimizer.policy.pre_forward:
-        return f"{type(optimizer).__name__}.step() needs a closure that computes the loss and calls backward()."
-    return (
-        "SAM.step() needs a closure that computes the loss and calls backward() at the perturbed weights, e.g. "
-        "opt.step(closure); or call opt.first_step() and the backward pass first."
-    )
+        message = f"{name}.step() needs a closure that computes the loss and calls backward()."
+    else:
+        message = (
+            f"{name}.step() needs a closure that computes the loss and calls backward() at the perturbed weights, "
+            "e.g. opt.step(closure); or call opt.first_step() and the backward pass first."
+        )
+    if "lightning.pytorch" in sys.modules:  # fp16's GradScaler and DeepSpeed step without a closure
+        message += (
+            f" In a LightningModule that returns a {name} from configure_optimizers, put SAMMixin first among its "
+            "bases: `from lightning_sam import SAMMixin` and `class Model(SAMMixin, pl.LightningModule)`."
+        )
+    return message
 
 
 def _lacks_the_mixin(module: Any | None) -> bool:

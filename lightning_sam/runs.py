@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ __all__ = [
     "Density",
     "Run",
     "RunsError",
+    "drawable",
     "find_runs",
     "label_runs",
     "metric_keys",
@@ -84,6 +86,7 @@ class Run:
     format: Format
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     spectrum: Density | None = None
+    named: bool = False  # named by a path given (not found by searching a folder above it)
 
     def points(self, key: str) -> list[tuple[int, float]]:
         """The ``(step, value)`` points of a key; none if the run did not log it."""
@@ -99,6 +102,17 @@ def _number(value: Any) -> float | None:
     if isinstance(value, str) and value in ("NaN", "nan", "Infinity", "inf", "-Infinity", "-inf"):
         return float(value.replace("Infinity", "inf"))
     return None
+
+
+def _step(value: Any) -> int | None:
+    """A logged step as an int, or None for what is not a finite number (a truncated row, text, NaN)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    number = _number(value)
+    return int(number) if number is not None and math.isfinite(number) else None
 
 
 def _add(scalars: dict[str, list[tuple[int, float]]], key: str, step: int, value: Any) -> None:
@@ -197,18 +211,25 @@ def read_csv(folder: Path, label: str = "") -> Run:
     """
     scalars: dict[str, list[tuple[int, float]]] = {}
     file = folder / "metrics.csv"
-    with file.open(newline="") as f:
-        rows = csv.DictReader(f)
-        if "step" not in (rows.fieldnames or []):
-            raise RunsError(f"{str(file)!r} has no step column: not a Lightning CSVLogger's metrics.csv")
-        for row in rows:
-            step = int(float(row["step"]))
-            for key, text in row.items():
-                if key != "step" and key is not None and text:
-                    try:
-                        _add(scalars, key, step, float(text))
-                    except ValueError:  # text, not a number
-                        continue
+    try:
+        with file.open(newline="") as f:
+            rows = csv.DictReader(f)
+            if "step" not in (rows.fieldnames or []):
+                raise RunsError(f"{str(file)!r} has no step column: not a Lightning CSVLogger's metrics.csv")
+            for row in rows:
+                step = _step(row["step"])
+                if step is None:  # a row cut short (a run still writing, or killed), or no step in it
+                    continue
+                for key, text in row.items():
+                    if key != "step" and key is not None and text:
+                        try:
+                            _add(scalars, key, step, float(text))
+                        except ValueError:  # text, not a number
+                            continue
+    except (UnicodeDecodeError, csv.Error, ValueError) as error:
+        if isinstance(error, RunsError):
+            raise
+        raise RunsError(f"{str(file)!r} is not a readable CSV file: {error}") from None
     return Run(label or folder.name, folder, "csv", scalars)
 
 
@@ -246,7 +267,8 @@ def read_wandb(run_dir: Path, label: str = "") -> Run:
     """Read a W&B run folder (offline or synced) with W&B's own reader, ``wandb leet inspect --json``.
 
     The points of every numeric key of the history rows that carry ``trainer/global_step`` (what
-    Lightning's ``WandbLogger`` logs), against it; the label is the run's display name. The last
+    Lightning's ``WandbLogger`` logs), against it (against W&B's ``_step`` in a run that never logged
+    it); the fields of tables and plots are left out; the label is the run's display name. The last
     ``sharpness/spectrum`` table (a JSON file under ``files/``) is the run's spectrum, with the
     ``sharpness/negative_fraction`` logged at its step.
     """
@@ -254,18 +276,19 @@ def read_wandb(run_dir: Path, label: str = "") -> Run:
     names = [r["run"]["display_name"] for r in records if r.get("type") == "run" and r["run"].get("display_name")]
     scalars: dict[str, list[tuple[int, float]]] = {}
     table: tuple[int, str] | None = None
-    for record in records:
-        if record.get("type") != "history":
-            continue
-        row = record["history"]["item"]
-        step = _number(row.get("trainer/global_step"))
+    rows = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    # Lightning's WandbLogger logs trainer/global_step beside every row; a run that never did: W&B's own _step.
+    x = "trainer/global_step" if any("trainer/global_step" in row for row in rows) else "_step"
+    for row in rows:
+        step = _step(row.get(x))
         if step is None:
             continue
+        media = {key.rsplit(".", 1)[0] for key in row if key.endswith("._type")}  # tables, plots: their fields
         for key, value in row.items():
-            if not key.startswith("_") and "." not in key and key != "trainer/global_step":
-                _add(scalars, key, int(step), value)
+            if not key.startswith("_") and key != "trainer/global_step" and key.rsplit(".", 1)[0] not in media:
+                _add(scalars, key, step, value)
         if isinstance(row.get(f"{SPECTRUM}_table.path"), str):
-            table = (int(step), row[f"{SPECTRUM}_table.path"])
+            table = (step, row[f"{SPECTRUM}_table.path"])
     run = Run(label or (names[-1] if names else run_dir.name), run_dir, "wandb", scalars)
     if table is not None:
         step, relative = table
@@ -327,14 +350,20 @@ def label_runs(runs: Sequence[tuple[Format, Path]], names: Sequence[str | None] 
 def read_runs(paths: Iterable[Path]) -> list[Run]:
     """Find and read every run the paths name or hold (see `find_runs`), labelled by `label_runs`.
 
+    A run that a path names (its folder, or a file of it) is `Run.named`; one found in a folder
+    above it is not.
+
     Raises:
         RunsError: A path holds no run, or a run is unreadable.
     """
+    paths = list(paths)
     found = find_runs(paths)
     runs = [read_run(kind, path) for kind, path in found]
     names = [run.label if run.format == "wandb" and run.label != run.path.name else None for run in runs]
+    given = {path.resolve() for path in paths}
+    named = given | {path.parent for path in given if path.is_file()}  # metrics.csv, a .wandb file
     for run, label in zip(runs, label_runs(found, names), strict=True):
-        run.label = label
+        run.label, run.named = label, run.path in named
     return runs
 
 
@@ -389,8 +418,7 @@ def panel_keys(runs: Sequence[Run], keys: Sequence[str] = (), metrics: Sequence[
     and ``sharpness/negative_fraction`` a panel of its own only when asked for.
 
     Raises:
-        RunsError: A key or metric that no run logged (the message lists those they did), or a
-            run none of whose scalars would be drawn (it logged no ``sharpness/*`` key).
+        RunsError: A key or metric that no run logged (the message lists those they did).
 
     Examples:
         >>> run = Run("a", Path("a"), "csv", {"sharpness/grad_norm": [(1, 1.0)], "val_acc": [(1, 0.9)]})
@@ -418,17 +446,43 @@ def panel_keys(runs: Sequence[Run], keys: Sequence[str] = (), metrics: Sequence[
         if metric not in logged:
             raise RunsError(f"--metric got {metric!r}, which no run logged; available: {_listed(others)}")
         chosen.append(metric)
-    chosen = list(dict.fromkeys(chosen))
+    return list(dict.fromkeys(chosen))
+
+
+def _nothing_to_draw(run: Run, keys: Sequence[str]) -> str | None:
+    """Why a run has no point in any panel of ``keys`` (one line), or None if it has some."""
+    if any(math.isfinite(v) for k in keys for _, v in run.points(k)) or (SPECTRUM in keys and run.spectrum):
+        return None
+    where = f"{run.label} ({run.format}, {str(run.path)!r})"
+    if not any(k.startswith("sharpness/") for k in run.scalars):
+        others = _listed(metric_keys([run]))
+        return f"{where} logged no sharpness/* scalar (was a SharpnessMonitor attached?); --metric KEY plots: {others}"
+    return f"{where} logged no finite value of {', '.join(keys)}"
+
+
+def drawable(runs: Sequence[Run], keys: Sequence[str]) -> tuple[list[Run], list[Run]]:
+    """The runs with a point to draw in the panels of ``keys``, and those without (found in a folder, so skipped).
+
+    Raises:
+        RunsError: A `Run.named` run has nothing to draw, or no run has (the message says why).
+
+    Examples:
+        >>> runs = [Run("a", Path("a"), "csv", {"sharpness/g": [(1, 1.0)]}),
+        ...         Run("b", Path("b"), "csv", {"x": [(1, 0.0)]})]
+        >>> [[run.label for run in part] for part in drawable(runs, ["sharpness/g"])]
+        [['a'], ['b']]
+    """
+    kept: list[Run] = []
+    skipped: list[Run] = []
     for run in runs:
-        if not any(run.points(k) for k in chosen) and not (SPECTRUM in chosen and run.spectrum is not None):
-            if not any(k.startswith("sharpness/") for k in run.scalars):
-                raise RunsError(
-                    f"{run.label} ({run.format}, {str(run.path)!r}) logged no sharpness/* scalar (was a "
-                    f"SharpnessMonitor attached?); --metric KEY plots other scalars: {_listed(metric_keys([run]))}"
-                )
-            asked = ", ".join(chosen)
-            raise RunsError(f"{run.label} ({run.format}, {str(run.path)!r}) logged none of {asked}")
-    return chosen
+        why = _nothing_to_draw(run, keys)
+        if why is not None and run.named:
+            raise RunsError(why)
+        (kept if why is None else skipped).append(run)
+    if not kept:
+        raise RunsError(_nothing_to_draw(skipped[0], keys) if len(skipped) == 1 else f"no run has anything to draw: "
+                        f"{'; '.join(str(_nothing_to_draw(run, keys)) for run in skipped)}")  # fmt: skip
+    return kept, skipped
 
 
 def points(runs: Sequence[Run], keys: Sequence[str]) -> int:

@@ -67,10 +67,10 @@ def offline_unless_logged_in() -> str | None:
 
     Examples:
         >>> import os
-        >>> os.environ["WANDB_MODE"] = "offline"
-        >>> offline_unless_logged_in() is None
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"WANDB_MODE": "disabled"}):  # the caller's own setting is kept
+        ...     offline_unless_logged_in() is None
         True
-        >>> del os.environ["WANDB_MODE"]
     """
     if "WANDB_MODE" in os.environ:
         return None

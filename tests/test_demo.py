@@ -85,8 +85,13 @@ def test_demo_prints_one_row_per_method_and_writes_the_figure_the_csv_and_the_co
         return real_draw(*args, **kwargs)
 
     monkeypatch.setattr(_demo_plot, "draw", recording_draw)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # the demo sets it: undone after
+    threads = torch.get_num_threads()
     argv = ["--epochs", "2", "--seeds", "0", "1", "--methods", "sgd", "sam", "looksam", "--logger", "csv"]
-    code = main([*argv, "--progress", "--out-dir", str(tmp_path)])
+    try:
+        code = main([*argv, "--progress", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert code == 0
     assert "Epoch 1" in out, "--progress shows the bars although stdout is not a terminal"
@@ -233,13 +238,14 @@ def test_demo_runs_under_ddp_on_two_cpu_processes_and_reports_the_slowest_rank(t
     done = subprocess.run(
         [
             sys.executable, "-m", "lightning_sam", "demo", "--epochs", "1", "--seeds", "0", "--methods", "sgd", "sam",
-            "--devices", "2", "--strategy", "ddp", "--logger", "csv", "--out-dir", str(tmp_path),
+            "--devices", "2", "--strategy", "ddp", "--logger", "csv", "--threads", "2", "--out-dir", str(tmp_path),
         ],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| SAM | rho=0.2 | 1 |") == 1, "the table is printed once, by rank zero"
-    assert done.stdout.count("2 runs, torch on 1 thread per process") == 1
+    assert done.stdout.count("2 runs, torch on 2 threads per process") == 1
+    assert re.search(r"CPU cores, torch on 2 threads;", done.stdout), "Lightning's launcher kept --threads"
     assert done.stdout.count("[1/2] SGD") == done.stdout.count("[2/2] SAM") == 1, "one line per run, from rank zero"
     with (tmp_path / "results.csv").open() as f:
         runs = list(csv.DictReader(f))

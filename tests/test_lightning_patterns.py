@@ -536,6 +536,37 @@ def test_a_sam_without_sammixin_is_refused_at_its_first_step_naming_the_fix(kind
     assert fixed.trainer.optimizers[0].steps_taken == 8
 
 
+def test_an_optimizer_step_that_runs_the_closure_first_is_davda54s_recipe_and_not_refused() -> None:
+    """Without the mixin, an optimizer_step override may take the gradient at w itself, then step with the closure."""
+
+    class CustomStep(Net):
+        def make_optimizer(self) -> torch.optim.Optimizer:
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+            optimizer_closure()  # the gradient at w
+            optimizer.step(closure=optimizer_closure)  # SAM runs it again at w + e
+
+    torch.manual_seed(0)
+    module = CustomStep()
+    trainer().fit(module, loader())
+    torch.testing.assert_close(flat_params(module), reference_sam(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*GradScaler.*:UserWarning")
+def test_without_sammixin_an_fp16_grad_scaler_step_names_sammixin_too() -> None:
+    """Lightning's fp16 plugin (and DeepSpeed) runs the closure itself and steps through the scaler without one."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = WithoutMixin(SAM)
+    before = flat_params(module).clone()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match=r"needs a closure.*put SAMMixin first.*class Model\(SAMMixin, pl\.Light"):
+        trainer(plugins=[plugin]).fit(module, loader())
+    assert torch.equal(flat_params(module), before)
+
+
 def test_manual_optimization_with_a_sam_closure_is_not_mistaken_for_a_missing_mixin() -> None:
     """davda54's closure loop under manual optimization: Lightning wraps the user's closure, not its own."""
 

@@ -19,6 +19,7 @@ from lightning_sam._plot_cli import main as plot_main
 from lightning_sam.runs import (
     SPECTRUM,
     RunsError,
+    drawable,
     find_runs,
     panel_keys,
     read_csv,
@@ -299,8 +300,63 @@ def test_a_missing_package_names_how_to_install_it(fit: Fit, package: str, run: 
     assert f"needs the {package} package" in line and install in line
 
 
-def test_a_parent_folder_s_run_without_the_monitor_is_named(fit: Fit) -> None:
-    """A save_dir holding a run that logged no sharpness: the error names it, not the folder."""
-    with pytest.raises(RunsError, match=r"no_monitor/version_0 \(csv"):
-        panel_keys(read_runs([fit.root]))
+def test_a_run_without_the_monitor_found_in_a_folder_is_skipped_and_named_but_a_named_one_is_an_error(
+    fit: Fit, tmp_path: Path
+) -> None:
+    """A save_dir also holding a run that logged no sharpness (a validate or lr_find run): the others are drawn."""
+    kept, skipped = drawable(read_runs([fit.root]), ["sharpness/grad_norm"])
+    assert [run.label for run in skipped] == ["bare/no_monitor/version_0"]
+    assert {run.format for run in kept} == {"wandb", "csv", "tensorboard"}
+    done = plot_cli(str(fit.root), "--out", str(tmp_path / "f.png"))
+    assert done.returncode == 0, done.stderr
+    assert "skipped 1 run with nothing to draw in them: bare/no_monitor/version_0" in done.stdout
+    with pytest.raises(RunsError, match=r"no_monitor/version_0 \(csv.*logged no sharpness"):
+        drawable(read_runs([fit.root / "bare" / "no_monitor" / "version_0" / "metrics.csv"]), ["sharpness/grad_norm"])
     assert panel_keys(read_runs([fit.root]), metrics=["train_loss"])[-1] == "train_loss"
+
+
+def test_rows_a_csv_logger_left_unfinished_are_skipped_and_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
+    """A run still writing (or killed) leaves a row cut short; a step that is no number is no point either."""
+    run = tmp_path / "logs" / "version_0"
+    run.mkdir(parents=True)
+    rows = "sharpness/grad_norm,step\n0.5,1\n0.25,abc\n0.3,\n0.2,nan\n0.75,3\n,0.7"
+    (run / "metrics.csv").write_text(rows)
+    assert read_csv(run).scalars == {"sharpness/grad_norm": [(1, 0.5), (3, 0.75)]}
+    done = plot_cli(str(run), "--out", str(tmp_path / "ok.png"), "--title", "cost $x^$ of 100%")
+    assert done.returncode == 0 and "1 run, 1 panels, 2 points" in done.stdout, done.stderr
+
+    for name, content, fragment in [
+        ("latin1", b"step,\xff\xfe\n1,2\n", "is not a readable CSV file"),
+        ("nul", b"step,sharpness/x\n\x001,2\n", "logged no sharpness/* scalar"),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_bytes(content)
+        line = one_line(plot_cli(str(tmp_path / name), cwd=tmp_path))
+        assert fragment in line and name in line, line
+
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "metrics.csv").write_text("sharpness/grad_norm,step\n-1e308,1\n1e308,2\n")
+    done = plot_cli(str(huge), "--out", str(tmp_path / "huge.png"))
+    assert done.returncode == 0 or "cannot draw these values" in one_line(done)
+
+
+def test_wandb_rows_keep_dotted_scalars_drop_table_fields_and_fall_back_to_wandbs_own_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """W&B's history as its reader prints it: a table's fields are dotted keys; a user's scalar may be dotted too."""
+    from lightning_sam import runs
+
+    def history(**row: object) -> dict[str, object]:
+        return {"type": "history", "history": {"item": row}}
+
+    table = {"sharpness/spectrum_table._type": "table-file", "sharpness/spectrum_table.nrows": 400}
+    lightning = [history(**{"trainer/global_step": 3, "_step": 0, "val.acc": 0.5, **table}),
+                 history(**{"trainer/global_step": float("nan"), "_step": 1, "val.acc": 0.7}),
+                 history(**{"trainer/global_step": 5, "_step": 2, "sharpness/grad_norm": 0.25})]  # fmt: skip
+    monkeypatch.setattr(runs, "_wandb_records", lambda run_dir: lightning)
+    assert read_wandb(Path("run")).scalars == {"val.acc": [(3, 0.5)], "sharpness/grad_norm": [(5, 0.25)]}
+
+    plain = [history(_step=0, loss=1.0), history(_step=1, loss=0.5)]  # wandb.log without Lightning
+    monkeypatch.setattr(runs, "_wandb_records", lambda run_dir: plain)
+    assert read_wandb(Path("run")).scalars == {"loss": [(0, 1.0), (1, 0.5)]}
