@@ -438,12 +438,22 @@ def _cpu_name() -> str:
 def machine(args: argparse.Namespace) -> str:
     """Where the demo ran, in one line: processor, cores, threads, versions and the Trainer's device flags."""
     threads = torch.get_num_threads()
-    device = f"{_cpu_name()}, {os.cpu_count()} CPU cores, torch on {threads} thread{'s' * (threads > 1)}"
+    device = f"{_cpu_name()}, {os.cpu_count()} CPU cores, torch on {_count(threads, 'thread')}"
     if args.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         device = f"{torch.cuda.get_device_name(0)}, {device}"
     versions = f"torch {torch.__version__}, lightning {_version('lightning')}, Python {platform.python_version()}"
     flags = f"{args.precision} on {args.accelerator} x {args.devices} ({args.strategy})"
     return f"{platform.system()}, {device}; {versions}; {flags}"
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless n is 1.
+
+    Examples:
+        >>> _count(1, "run"), _count(9, "run")
+        ('1 run', '9 runs')
+    """
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def load_average() -> float | None:
@@ -495,8 +505,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     load_before = load_average()
     planned = [(m, seed) for seed in args.seeds for m in args.methods]  # seed-major: a slow spell hits every method
-    threads = f"{args.threads} thread{'s' * (args.threads > 1)}"
-    announce = f"{len(planned)} runs, torch on {threads} per process; a line as each one ends"
+    threads = _count(args.threads, "thread")
+    announce = f"{_count(len(planned), 'run')}, torch on {threads} per process; a line as each one ends"
     start = time.perf_counter()
     results: list[RunResult] = []
     try:
@@ -524,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.batch_size}, SGD lr {args.lr} (momentum 0.9, weight decay 5e-4), seeds {seeds}"
     )
     where = machine(args)
-    timing = f"{len(results)} runs in {total:.0f} s" + (f" ({load})" if load else "")
+    timing = f"{_count(len(results), 'run')} in {total:.0f} s" + (f" ({load})" if load else "")
     print()
     print(setting)
     print(f"mean ± sd over {len(args.seeds)} seed(s); the monitor's first_order at rho={args.rho} for every method")
