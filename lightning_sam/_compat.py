@@ -8,6 +8,8 @@ is the only module to change.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -151,9 +153,6 @@ def lightning_unrun_closure(closure: Any) -> Any | None:
     None for any other closure, for one that already ran (an ``optimizer_step`` override that called it
     first, davda54's recipe), and when Lightning was never imported.
     """
-    import functools
-    import sys
-
     automatic = sys.modules.get("lightning.pytorch.loops.optimization.automatic")
     if automatic is None or not isinstance(closure, functools.partial) or len(closure.args) != 3:
         return None

@@ -167,9 +167,9 @@ class SpectrumPlot(_EpochEndPlot):
         log_dir = trainer.log_dir  # a collective on DDP (a broadcast of rank zero's): every rank asks
         if not trainer.is_global_zero:
             return logged
-        run, shared = run_name(trainer, log_dir)
-        title = f"Hessian eigenvalue density{f', {run}' if run else ''}, epoch {epoch} (step {step})"
         wandb_logger = find_wandb_logger(trainer.loggers)
+        run, shared = run_name(trainer, log_dir, wandb_logger)
+        title = f"Hessian eigenvalue density{f', {run}' if run else ''}, epoch {epoch} (step {step})"
         if wandb_logger is not None:
             grid, density = density_curve(spectrum)
             curves = {"log10 density": density.clamp_min(1e-12).log10()}
@@ -187,17 +187,17 @@ class SpectrumPlot(_EpochEndPlot):
         return logged
 
 
-def run_name(trainer: pl.Trainer, log_dir: str | None) -> tuple[str, bool]:
+def run_name(trainer: pl.Trainer, log_dir: str | None, wandb_logger: Any | None) -> tuple[str, bool]:
     """The run a figure belongs to, and whether runs share the folder it goes to.
 
-    A ``WandbLogger``'s runs share its ``save_dir``: its run's name and id tell them apart. A
-    ``CSVLogger`` or ``TensorBoardLogger`` writes each run to a folder of its own (``version_N``).
-    Without a logger the runs share ``default_root_dir``, with nothing to name them by but the time.
+    A ``WandbLogger``'s runs (``wandb_logger``, the Trainer's if it has one) share its ``save_dir``:
+    its run's name and id tell them apart. A ``CSVLogger`` or ``TensorBoardLogger`` writes each run
+    to a folder of its own (``version_N``). Without a logger the runs share ``default_root_dir``,
+    with nothing to name them by but the time.
     """
     logger = trainer.logger
     if logger is None:
         return time.strftime("%Y%m%d-%H%M%S"), True
-    wandb_logger = find_wandb_logger(trainer.loggers)
     if wandb_logger is not None:
         experiment: Any = wandb_logger.experiment
         name = "-".join(str(part) for part in dict.fromkeys((experiment.name, experiment.id)) if part)
