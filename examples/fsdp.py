@@ -13,7 +13,9 @@ are printed.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+import sys
+from typing import Any, NoReturn
 
 import lightning as L
 import lightning.pytorch as pl
@@ -132,12 +134,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fabric", action="store_true", help="the Fabric loop instead of the Lightning Trainer")
     args = parser.parse_args(argv)
     (with_fabric if args.fabric else with_lightning)(args)
+
+
+def leave() -> NoReturn:
+    """Every rank done, the process group torn down, then exit without the interpreter's own teardown.
+
+    FSDP2 keeps its gloo process groups alive after ``destroy_process_group`` (DTensor's caches hold the device
+    mesh, and the mesh its groups), so they would be destroyed while Python shuts down, which can abort a finished
+    run ("terminate called without an active exception", exit code -6; pytorch/pytorch#190489).
+    """
     if torch.distributed.is_initialized():
-        # A clean exit: every rank done with the group before any tears it down, then no gloo thread left behind
-        # to abort the process (without the barrier, Fabric on Lightning 2.5 aborted about one exit in three).
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # no rank tears down while the other still sends
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    leave()

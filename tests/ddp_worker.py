@@ -16,7 +16,7 @@ from unittest.mock import patch
 
 import lightning.pytorch as pl
 import torch
-from helpers import Net, SAMNet, dataset, end_process_group, flat_params, trainer
+from helpers import Net, SAMNet, dataset, flat_params, leave_process_group, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -315,7 +315,7 @@ def main(out_dir: Path, modes: list[str]) -> None:
             failing_on_rank_one(out_dir / mode, raises=mode.endswith("raises"))
         else:
             run(mode, out_dir / mode)
-    end_process_group()  # a clean exit: no gloo thread left to abort the process
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -138,15 +138,24 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def end_process_group() -> None:
-    """Tear down a worker's process group: a barrier first, so no rank's gloo thread still talks to the other.
+def leave_process_group() -> NoReturn:
+    """End a worker process: a barrier, the process group torn down, then exit without the interpreter's teardown.
 
-    Without it a rank that tears down while the other still sends aborts at exit ("terminate called without an
-    active exception", about one exit in five for the sharded Hessian worker).
+    The barrier: no rank tears down while the other still sends. The exit: FSDP2 and DTensor keep their gloo
+    groups alive after ``destroy_process_group`` (DTensor's caches hold the device mesh, and the mesh its groups),
+    so they would be destroyed while the interpreter shuts down, which can abort a finished worker ("terminate
+    called without an active exception", exit code -6, after its results were saved; pytorch/pytorch#190489).
+    Call it last: what the worker saved is closed, and nothing after it runs.
     """
+    import os
+    import sys
+
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_worker(script: Path, *args: str) -> None:

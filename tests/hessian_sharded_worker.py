@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from helpers import end_process_group
+from helpers import leave_process_group
 from torch import nn
 
 WORLD = 2
@@ -179,7 +179,7 @@ def run(rank: int, out_dir: str) -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     results = {mode: measure(mode) for mode in ("fsdp2", "tensor_parallel")}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    end_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import lightning.pytorch as pl
 import torch
-from helpers import Net, SAMNet, dataset, end_process_group, trainer
+from helpers import Net, SAMNet, dataset, leave_process_group, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -426,7 +426,7 @@ SPECIAL = {
 def main(out_dir: Path, modes: list[str]) -> None:
     for mode in modes:
         run(mode, out_dir / mode)
-    end_process_group()  # a clean exit: no gloo thread left to abort the process
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from helpers import end_process_group, flat_params, trainer
+from helpers import flat_params, leave_process_group, trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -105,4 +105,4 @@ def plain_loop_no_sync(out_dir: Path) -> None:
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
     plain_loop_no_sync(Path(sys.argv[1]) / "plain_no_sync")  # in the process group the fits made
-    end_process_group()  # a clean exit: no gloo thread left to abort the process
+    leave_process_group()

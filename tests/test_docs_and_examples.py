@@ -127,7 +127,7 @@ def test_fsdp_example_on_two_cpu_processes(loop: str, tmp_path: Path) -> None:
         timeout=300,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-3000:]}"
     assert re.search(r"clean test accuracy \d+\.\d%", done.stdout)
     if loop == "lightning":
         assert "rank 0 holds 42501 of the 85002 parameters" in done.stdout
