@@ -315,7 +315,6 @@ def main(out_dir: Path, modes: list[str]) -> None:
             failing_on_rank_one(out_dir / mode, raises=mode.endswith("raises"))
         else:
             run(mode, out_dir / mode)
-    leave_process_group()
 
 
 if __name__ == "__main__":
@@ -323,3 +322,4 @@ if __name__ == "__main__":
 
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     main(Path(sys.argv[1]), sys.argv[2:])
+    leave_process_group()

@@ -426,9 +426,9 @@ SPECIAL = {
 def main(out_dir: Path, modes: list[str]) -> None:
     for mode in modes:
         run(mode, out_dir / mode)
-    leave_process_group()
 
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     main(Path(sys.argv[1]), sys.argv[2:])
+    leave_process_group()
